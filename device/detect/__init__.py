@@ -1,0 +1,1 @@
+"""Running a detector: runtime selection, preprocessing, decoding, NMS."""

@@ -1,0 +1,86 @@
+"""A raw SSD head: box encodings and class scores over a fixed set of anchors.
+
+Box encodings are ``(ty, tx, th, tw)`` relative to anchors ``(yc, xc, h, w)`` with the usual
+scale factors (10, 10, 5, 5), as the TF Object Detection API and TFLite's post-process op use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from device.bundle.manifest import DecoderSpec, SsdParams
+from device.detect.decoders.base import Candidates, Decoder, Output, require_finite
+from device.errors import BundleError
+
+
+def decode_ssd_boxes(enc: np.ndarray, anchors: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
+    """Encodings ``[N, 4]`` + anchors ``[N, 4]`` -> normalized xyxy boxes ``[N, 4]``."""
+    sy, sx, sh, sw = scales
+    yc = enc[:, 0] / sy * anchors[:, 2] + anchors[:, 0]
+    xc = enc[:, 1] / sx * anchors[:, 3] + anchors[:, 1]
+    h = np.exp(enc[:, 2] / sh) * anchors[:, 2]
+    w = np.exp(enc[:, 3] / sw) * anchors[:, 3]
+    return np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)
+
+
+class SsdRawDecoder(Decoder):
+    kind = "ssd_raw"
+
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        input_size: tuple[int, int],
+        num_classes: int,
+        file: Callable[[str], Path],
+    ) -> None:
+        super().__init__(spec, input_size, num_classes, file)
+        self.params = spec.ssd or SsdParams()
+        path = file(self.params.anchors_file)
+        try:
+            self.anchors = np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: cannot read anchors: {exc}") from None
+        if self.anchors.ndim != 2 or self.anchors.shape[1] != 4:
+            raise BundleError(f"{path}: anchors must be [N, 4], got {list(self.anchors.shape)}")
+        self._first = 1 if self.params.background_class else 0
+
+    def _class_scores(self, scores: Output) -> tuple[np.ndarray, np.ndarray]:
+        """Best class id and score per anchor (background column excluded)."""
+        raw = scores.data.reshape(-1, scores.data.shape[-1])
+        act = self.params.score_activation
+        if act == "softmax":
+            real = scores.real(raw)
+            require_finite(real, scores)
+            e = np.exp(real - real.max(axis=1, keepdims=True))
+            probs = (e / e.sum(axis=1, keepdims=True))[:, self._first :]
+            best = probs.argmax(axis=1)
+            return best, probs[np.arange(len(best)), best]
+        cls = raw[:, self._first :]
+        best = cls.argmax(axis=1)
+        best_real = scores.real(cls[np.arange(len(best)), best])
+        require_finite(best_real, scores)
+        if act == "sigmoid":
+            best_real = 1.0 / (1.0 + np.exp(-best_real))
+        return best, best_real
+
+    def decode(self, outputs: Mapping[str, Output], score_threshold: float) -> Candidates:
+        enc_out, score_out = outputs["boxes"], outputs["scores"]
+        if len(self.anchors) != enc_out.data.reshape(-1, 4).shape[0]:
+            raise BundleError(
+                f"{len(self.anchors)} anchors but the model predicts {enc_out.data.reshape(-1, 4).shape[0]} boxes"
+            )
+        best, best_score = self._class_scores(score_out)
+        keep = np.flatnonzero(best_score >= score_threshold)
+        if not keep.size:
+            return Candidates.empty()
+        enc = enc_out.real(enc_out.data.reshape(-1, 4)[keep])
+        require_finite(enc, enc_out)
+        boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
+        return Candidates((boxes * self._scale).astype(np.float32), best_score[keep], best[keep].astype(np.int64))
+
+    def peak_score(self, outputs: Mapping[str, Output]) -> float:
+        _, best_score = self._class_scores(outputs["scores"])
+        return float(best_score.max()) if best_score.size else 0.0

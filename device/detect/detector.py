@@ -1,0 +1,229 @@
+"""The detector: a bundle loaded once, then frame -> detections in source pixels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.bundle.build import bare_model_bundle
+from device.bundle.store import MANIFEST, Bundle, load_bundle
+from device.detect.decoders import DECODERS, Candidates, Output
+from device.detect.model import tensor_facts
+from device.detect.nms import nms
+from device.detect.preprocess import Geometry, InputTransform, Yuv420Frame
+from device.detect.runtime import open_interpreter, runtime_version
+from device.errors import CollapsedScoresError, DetectorError, LabelsError, ModelError
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection; ``box`` is ``[x1, y1, x2, y2]`` in source-image pixels."""
+
+    label: str
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "class_id": self.class_id,
+            "score": round(self.score, 4),
+            "box": [round(v, 1) for v in self.box],
+        }
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Milliseconds spent in each stage of the last frame."""
+
+    preprocess: float
+    invoke: float
+    decode: float
+
+    @property
+    def total(self) -> float:
+        return self.preprocess + self.invoke + self.decode
+
+
+def load_model(
+    path: str | Path, labels: str | Path | None = None, **options: Any
+) -> Bundle:
+    """A bundle directory/.tar (verified), or a bare ``.tflite`` described on the fly."""
+    path = Path(path)
+    if path.is_dir() or (path.is_file() and path.suffix == ".tar"):
+        if labels is not None:
+            raise LabelsError(f"{path} is a bundle: its labels are in its {MANIFEST}; drop --labels")
+        return load_bundle(path)
+    if not path.exists():
+        raise ModelError(f"{path}: not found (expected a bundle directory, a .tar or a .tflite)")
+    return bare_model_bundle(path, labels, **options)
+
+
+class Detector:
+    """Runs one bundle's model. Build it once; call :meth:`detect` per frame."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        runtime: str = "auto",
+        num_threads: int | None = None,
+        score_threshold: float | None = None,
+        iou_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> None:
+        self.bundle = bundle
+        m = bundle.manifest
+        self.manifest = m
+        self.interpreter, self.runtime = open_interpreter(bundle.model_path, runtime, num_threads)
+        self.runtime_version = runtime_version(self.runtime)
+        self.score_threshold = m.thresholds.score if score_threshold is None else score_threshold
+        self.iou_threshold = m.thresholds.iou if iou_threshold is None else iou_threshold
+        self.max_detections = m.thresholds.max_detections if max_detections is None else max_detections
+        self._input_index = self._check_input()
+        self._outputs = self._map_outputs()
+        self.transform = InputTransform(m.input)
+        decoder_cls = DECODERS[m.decoder.kind]
+        self.decoder = decoder_cls(
+            m.decoder, (m.input.width, m.input.height), len(m.labels.names), bundle.file
+        )
+        self.labels = m.labels.names
+        self.last_times = StageTimes(0.0, 0.0, 0.0)
+
+    @classmethod
+    def open(cls, path: str | Path, labels: str | Path | None = None, **kwargs: Any) -> Detector:
+        """Load ``path`` (bundle or .tflite + labels) and build a detector on it."""
+        det_keys = {"runtime", "num_threads", "score_threshold", "iou_threshold", "max_detections"}
+        det_kwargs = {k: v for k, v in kwargs.items() if k in det_keys}
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in det_keys}
+        if "runtime" in kwargs:
+            model_kwargs["runtime"] = kwargs["runtime"]
+        return cls(load_model(path, labels, **model_kwargs), **det_kwargs)
+
+    def _check_input(self) -> int:
+        details = self.interpreter.get_input_details()
+        spec = self.manifest.input
+        where = f"{self.bundle.source}"
+        if len(details) != 1:
+            raise ModelError(f"{where}: model has {len(details)} inputs; doorstep runs single-image models")
+        t = tensor_facts(details[0])
+        expected = (1, spec.height, spec.width, 3) if spec.layout == "NHWC" else (1, 3, spec.height, spec.width)
+        problems = []
+        if t.shape != expected:
+            problems.append(f"shape {list(t.shape)} but the manifest says {list(expected)} ({spec.layout})")
+        if t.dtype != spec.dtype:
+            problems.append(f"dtype {t.dtype} but the manifest says {spec.dtype}")
+        if spec.dtype != "float32" and (t.scale, t.zero_point) != (spec.scale, spec.zero_point):
+            problems.append(
+                f"quantization ({t.scale}, {t.zero_point}) but the manifest says ({spec.scale}, {spec.zero_point})"
+            )
+        if problems:
+            raise ModelError(f"{where}: input {t.name}: " + "; ".join(problems) + ": manifest and model disagree")
+        return t.index
+
+    def _map_outputs(self) -> dict[str, tuple[int, str, float | None, int]]:
+        by_name = {str(d["name"]): tensor_facts(d) for d in self.interpreter.get_output_details()}
+        mapped = {}
+        for role, spec in self.manifest.decoder.outputs.items():
+            t = by_name.get(spec.name)
+            if t is None:
+                raise ModelError(
+                    f"{self.bundle.source}: output {spec.name!r} ({role}) named in the manifest is not "
+                    f"among the model's outputs {sorted(by_name)}"
+                )
+            if list(t.shape) != spec.shape:
+                raise ModelError(
+                    f"{self.bundle.source}: output {spec.name!r} ({role}) has shape {list(t.shape)}, "
+                    f"the manifest says {spec.shape}"
+                )
+            mapped[role] = (t.index, t.name, t.scale, t.zero_point or 0)
+        return mapped
+
+    def _outputs_now(self) -> dict[str, Output]:
+        outputs = {}
+        for role, (index, name, scale, zp) in self._outputs.items():
+            data = self.interpreter.get_tensor(index)
+            outputs[role] = Output(name, data[0] if data.ndim > 1 else data, scale, zp)
+        return outputs
+
+    def set_input(self, tensor: np.ndarray) -> None:
+        """Feed a ready input tensor, refusing a wrong shape or dtype with a clear message."""
+        spec = self.manifest.input
+        expected = (1, spec.height, spec.width, 3) if spec.layout == "NHWC" else (1, 3, spec.height, spec.width)
+        if tensor.shape != expected or tensor.dtype != np.dtype(spec.dtype):
+            raise DetectorError(
+                f"input tensor {list(tensor.shape)} {tensor.dtype} does not match the model's "
+                f"{list(expected)} {spec.dtype}"
+            )
+        self.interpreter.set_tensor(self._input_index, tensor)
+
+    def infer(self, frame: np.ndarray | Yuv420Frame) -> tuple[dict[str, Output], Geometry]:
+        """Preprocess and invoke; return the raw outputs and the frame geometry."""
+        t0 = time.perf_counter()
+        tensor, geo = self.transform(frame)
+        self.set_input(tensor)
+        t1 = time.perf_counter()
+        self.interpreter.invoke()
+        t2 = time.perf_counter()
+        self._t = (t0, t1, t2)
+        return self._outputs_now(), geo
+
+    def decode(self, outputs: Mapping[str, Output], geo: Geometry) -> list[Detection]:
+        """Threshold, NMS, map boxes back to source pixels."""
+        cand: Candidates = self.decoder.decode(outputs, self.score_threshold)
+        if len(cand) and self.decoder.needs_nms:
+            cand = cand.take(nms(cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections))
+        elif len(cand) > self.max_detections:
+            cand = cand.take(np.argsort(-cand.scores, kind="stable")[: self.max_detections])
+        boxes = geo.to_source(cand.boxes)
+        names = self.labels
+        out = []
+        for box, score, cid in zip(boxes.tolist(), cand.scores.tolist(), cand.class_ids.tolist(), strict=True):
+            if not 0 <= cid < len(names):
+                raise LabelsError(
+                    f"model predicted class id {cid} but the labels name only {len(names)} classes "
+                    f"(0..{len(names) - 1}): wrong label file for {self.bundle.source}"
+                )
+            out.append(Detection(names[cid], cid, float(score), tuple(box)))  # type: ignore[arg-type]
+        return out
+
+    def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:
+        """Detections on one frame, best first, with boxes in the frame's pixels."""
+        outputs, geo = self.infer(frame)
+        self._last_outputs = outputs
+        dets = self.decode(outputs, geo)
+        t3 = time.perf_counter()
+        t0, t1, t2 = self._t
+        self.last_times = StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        return dets
+
+    def last_peak_score(self) -> float:
+        """The highest class score anywhere in the last frame's outputs, thresholds aside."""
+        outputs = getattr(self, "_last_outputs", None)
+        return 0.0 if outputs is None else self.decoder.peak_score(outputs)
+
+    def peak_score(self, frame: np.ndarray | Yuv420Frame) -> float:
+        """The highest class score the model gives anywhere on ``frame``."""
+        outputs, _ = self.infer(frame)
+        return self.decoder.peak_score(outputs)
+
+    def self_test(self, frames: list[np.ndarray]) -> float:
+        """Raise ``CollapsedScoresError`` when no frame raises any score above zero.
+
+        A full-integer model whose scores were quantized together with large box values (or
+        calibrated on the wrong data) gives exactly zero everywhere; this catches it at start.
+        """
+        peak = max((self.peak_score(f) for f in frames), default=0.0)
+        if peak <= 0.0:
+            raise CollapsedScoresError(
+                f"{self.bundle.source}: every class score is 0 on {len(frames)} test frame(s): the "
+                "int8 model's scores collapsed (boxes and scores share one quantized tensor, or "
+                "calibration used the wrong data); re-quantize with separate score outputs"
+            )
+        return peak

@@ -1,0 +1,158 @@
+"""Frame to input tensor, exactly as the manifest says, and boxes back to source pixels.
+
+Frames arrive as BGR ``uint8`` arrays (OpenCV) or as picamera2 YUV420 buffers. Everything that
+can be computed once (lookup tables, target sizes, buffers) is computed when the transform is
+built, not per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from device.bundle.manifest import InputSpec
+from device.errors import DetectorError
+
+_QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@dataclass(frozen=True)
+class Yuv420Frame:
+    """A planar YUV 4:2:0 (I420) buffer as picamera2 returns it for a ``YUV420`` stream.
+
+    ``data`` has shape ``(height * 3 // 2, stride)``: ``height`` rows of Y, then the U and V
+    planes, each ``height / 2`` rows of ``stride / 2`` bytes packed two to an array row.
+    ``stride`` may exceed ``width`` (rows are padded for alignment).
+    """
+
+    data: np.ndarray
+    width: int
+    height: int
+
+    def to_bgr(self) -> np.ndarray:
+        return yuv420_to_bgr(self.data, self.width, self.height)
+
+
+def yuv420_to_bgr(data: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Convert a padded I420 buffer to a BGR image, dropping the row padding of every plane."""
+    if width % 2 or height % 2:
+        raise DetectorError(f"YUV420 frame {width}x{height}: width and height must be even")
+    rows, stride = data.shape[:2] if data.ndim == 2 else (0, 0)
+    if data.ndim != 2 or rows != height * 3 // 2 or stride < width or stride % 2:
+        raise DetectorError(
+            f"YUV420 buffer of shape {list(data.shape)} does not fit a {width}x{height} frame: "
+            f"expected ({height * 3 // 2}, stride >= {width})"
+        )
+    if stride == width:
+        return cv2.cvtColor(data, cv2.COLOR_YUV2BGR_I420)
+    q = height // 4  # array rows per chroma plane
+    y = data[:height, :width]
+    u = data[height : height + q].reshape(height // 2, stride // 2)[:, : width // 2]
+    v = data[height + q : height + 2 * q].reshape(height // 2, stride // 2)[:, : width // 2]
+    packed = np.empty((height * 3 // 2, width), dtype=np.uint8)
+    packed[:height] = y
+    packed[height : height + q] = u.reshape(q, width)
+    packed[height + q :] = v.reshape(q, width)
+    return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a source frame was placed on the model's input canvas."""
+
+    src_w: int
+    src_h: int
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+
+    def to_source(self, boxes: np.ndarray) -> np.ndarray:
+        """Map ``[N, 4]`` xyxy boxes on the input canvas to source pixels, clipped to the frame."""
+        out = np.empty_like(boxes, dtype=np.float32)
+        out[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_x) / self.scale_x
+        out[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_y) / self.scale_y
+        np.clip(out[:, [0, 2]], 0, self.src_w, out=out[:, [0, 2]])
+        np.clip(out[:, [1, 3]], 0, self.src_h, out=out[:, [1, 3]])
+        return out
+
+
+def value_lut(spec: InputSpec) -> np.ndarray | None:
+    """A per-channel 256-entry table mapping pixel values to quantized input values.
+
+    ``None`` when the mapping is the identity (the common uint8 case), so no work is done.
+    """
+    if spec.dtype == "float32":
+        return None
+    if spec.scale is None or spec.zero_point is None:
+        raise DetectorError(f"input {spec.name} is {spec.dtype} but the manifest has no scale/zero_point")
+    lo, hi = _QRANGE[spec.dtype]
+    pixels = np.arange(256, dtype=np.float64)[:, None]
+    mean = np.asarray(spec.normalization.mean, dtype=np.float64)[None, :]
+    std = np.asarray(spec.normalization.std, dtype=np.float64)[None, :]
+    q = np.clip(np.round((pixels - mean) / std / spec.scale + spec.zero_point), lo, hi).astype(np.int64)
+    if spec.dtype == "uint8" and np.array_equal(q, np.repeat(np.arange(256)[:, None], 3, axis=1)):
+        return None
+    table = q.astype(np.int8 if spec.dtype == "int8" else np.uint8).view(np.uint8)
+    return table.reshape(256, 1, 3)
+
+
+class InputTransform:
+    """Preprocessing for one model: built once from the manifest, applied per frame."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self.size = (spec.width, spec.height)
+        self._lut = value_lut(spec)
+        self._swap = spec.channel_order == "RGB"
+        self._mean = np.asarray(spec.normalization.mean, dtype=np.float32)
+        self._inv_std = 1.0 / np.asarray(spec.normalization.std, dtype=np.float32)
+        self._canvas = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
+        self._canvas_geo: Geometry | None = None
+
+    def geometry(self, src_w: int, src_h: int) -> Geometry:
+        w, h = self.size
+        if self.spec.resize == "stretch":
+            return Geometry(src_w, src_h, w / src_w, h / src_h, 0.0, 0.0)
+        scale = min(w / src_w, h / src_h)
+        nw, nh = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+        # Exact per-axis ratios of the resized image, so back-mapping undoes the rounding too.
+        return Geometry(src_w, src_h, nw / src_w, nh / src_h, (w - nw) // 2, (h - nh) // 2)
+
+    def __call__(self, frame: np.ndarray | Yuv420Frame) -> tuple[np.ndarray, Geometry]:
+        """Return the model input tensor (with batch axis) and the geometry to map boxes back."""
+        image = frame.to_bgr() if isinstance(frame, Yuv420Frame) else frame
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DetectorError(
+                f"frame must be an HxWx3 uint8 BGR image, got shape {list(image.shape)} dtype {image.dtype}"
+            )
+        src_h, src_w = image.shape[:2]
+        geo = self.geometry(src_w, src_h)
+        w, h = self.size
+        if self.spec.resize == "stretch":
+            canvas = image if (src_w, src_h) == (w, h) else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        else:
+            nw, nh = round(src_w * geo.scale_x), round(src_h * geo.scale_y)
+            px, py = int(geo.pad_x), int(geo.pad_y)
+            canvas = self._canvas
+            if geo != self._canvas_geo:  # a new frame size: clear what the old one left behind
+                canvas.fill(self.spec.pad_value)
+                self._canvas_geo = geo
+            canvas[py : py + nh, px : px + nw] = (
+                image if (nw, nh) == (src_w, src_h) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            )
+        if self._swap:
+            canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
+        if self.spec.dtype == "float32":
+            tensor = (canvas.astype(np.float32) - self._mean) * self._inv_std
+        elif self._lut is not None:
+            tensor = cv2.LUT(canvas, self._lut)
+            if self.spec.dtype == "int8":
+                tensor = tensor.view(np.int8)
+        else:
+            tensor = canvas
+        if self.spec.layout == "NCHW":
+            tensor = tensor.transpose(2, 0, 1)
+        return np.ascontiguousarray(tensor)[None], geo

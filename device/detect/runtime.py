@@ -1,0 +1,105 @@
+"""Pick the TFLite runtime and open interpreters on a model file.
+
+``auto`` prefers LiteRT (``ai_edge_litert``, the maintained successor) and falls back to
+``tflite_runtime`` 2.14 (Raspberry Pi OS Bookworm's Python 3.11). Both are imported lazily
+here and nowhere else, so the rest of ``device`` imports in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from device.errors import ModelError
+
+RuntimeName = Literal["auto", "ai_edge_litert", "tflite_runtime"]
+RUNTIMES: tuple[str, ...] = ("ai_edge_litert", "tflite_runtime")
+_DISTRIBUTIONS = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}
+TFLITE_MAGIC = b"TFL3"
+
+
+def _interpreter_module(runtime: str) -> Any:
+    return importlib.import_module(f"{runtime}.interpreter")
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    """Return the runtime module name to use; raise ``ModelError`` if none is installed."""
+    if runtime not in ("auto", *RUNTIMES):
+        raise ModelError(f"unknown runtime {runtime!r}: choose auto, {', '.join(RUNTIMES)}")
+    candidates = RUNTIMES if runtime == "auto" else (runtime,)
+    for name in candidates:
+        try:
+            _interpreter_module(name)
+        except ImportError:
+            continue
+        return name
+    wanted = " or ".join(_DISTRIBUTIONS[c] for c in candidates)
+    raise ModelError(f"no TFLite runtime installed: pip install {wanted} (or doorstep[device])")
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of a runtime's distribution, e.g. ``tflite-runtime 2.14.0``."""
+    dist = _DISTRIBUTIONS[runtime]
+    try:
+        return f"{dist} {metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return f"{dist} (version unknown)"
+
+
+def check_tflite_file(path: Path) -> None:
+    """Refuse a missing, empty, or non-TFLite file before a runtime sees it."""
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found")
+    if not path.is_file():
+        raise ModelError(f"{path}: is not a file (a bundle directory needs a manifest.json)")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise ModelError(f"{path}: file is {len(head)} bytes long: not a TFLite model (truncated?)")
+    if head[4:8] != TFLITE_MAGIC:
+        raise ModelError(
+            f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4; "
+            f"starts with {head[:8]!r})"
+        )
+
+
+def open_interpreter(
+    path: str | Path,
+    runtime: str = "auto",
+    num_threads: int | None = None,
+    *,
+    inspect: bool = False,
+    preserve_all_tensors: bool = False,
+) -> tuple[Any, str]:
+    """Open ``path`` and allocate its tensors; return ``(interpreter, runtime_name)``.
+
+    ``inspect`` disables the default delegates (XNNPACK), so that the op list shows the
+    model's own ops rather than delegate nodes. ``num_threads`` ``None`` means all cores.
+    """
+    path = Path(path)
+    check_tflite_file(path)
+    name = resolve_runtime(runtime)
+    module = _interpreter_module(name)
+    kwargs: dict[str, Any] = {
+        "model_path": str(path),
+        "num_threads": num_threads or os.cpu_count() or 1,
+    }
+    if inspect:
+        kwargs["experimental_op_resolver_type"] = (
+            module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+    if preserve_all_tensors:
+        kwargs["experimental_preserve_all_tensors"] = True
+    try:
+        interpreter = module.Interpreter(**kwargs)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: {name} cannot load this model (truncated, corrupt, or an op this "
+            f"runtime lacks): {first}"
+        ) from None
+    return interpreter, name

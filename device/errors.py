@@ -1,0 +1,31 @@
+"""The errors doorstep raises for bad input: each says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class DoorstepError(Exception):
+    """Base of every error the command-line tools report as a one-line message (exit code 2)."""
+
+
+class ConfigError(DoorstepError):
+    """A configuration file that does not validate."""
+
+
+class BundleError(DoorstepError):
+    """A model bundle that is missing, incomplete, tampered with or inconsistent."""
+
+
+class ModelError(DoorstepError):
+    """A model file that cannot be loaded or whose layout doorstep cannot run."""
+
+
+class LabelsError(DoorstepError):
+    """A label file that does not parse or does not fit the model."""
+
+
+class DetectorError(DoorstepError):
+    """The detector produced outputs that cannot be trusted (NaN, collapsed scores, ...)."""
+
+
+class CollapsedScoresError(DetectorError):
+    """Every class score is zero on a frame that should show something: a collapsed quantization."""
