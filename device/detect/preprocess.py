@@ -23,7 +23,8 @@ class Yuv420Frame:
     """A planar YUV 4:2:0 (I420) buffer as picamera2 returns it for a ``YUV420`` stream.
 
     ``data`` has shape ``(height * 3 // 2, stride)``: ``height`` rows of Y, then the U and V
-    planes, each ``height / 2`` rows of ``stride / 2`` bytes packed two to an array row.
+    planes, each ``height / 2`` rows of ``stride / 2`` bytes, laid contiguously (so an array
+    row holds two chroma rows).
     ``stride`` may exceed ``width`` (rows are padded for alignment).
     """
 
@@ -47,14 +48,16 @@ def yuv420_to_bgr(data: np.ndarray, width: int, height: int) -> np.ndarray:
         )
     if stride == width:
         return cv2.cvtColor(data, cv2.COLOR_YUV2BGR_I420)
-    q = height // 4  # array rows per chroma plane
-    y = data[:height, :width]
-    u = data[height : height + q].reshape(height // 2, stride // 2)[:, : width // 2]
-    v = data[height + q : height + 2 * q].reshape(height // 2, stride // 2)[:, : width // 2]
-    packed = np.empty((height * 3 // 2, width), dtype=np.uint8)
-    packed[:height] = y
-    packed[height : height + q] = u.reshape(q, width)
-    packed[height + q :] = v.reshape(q, width)
+    # Chroma planes are contiguous after Y: each is height/2 rows of stride/2 bytes.
+    chroma = data[height:].reshape(-1)
+    plane = (height // 2) * (stride // 2)
+    u = chroma[:plane].reshape(height // 2, stride // 2)[:, : width // 2]
+    v = chroma[plane : 2 * plane].reshape(height // 2, stride // 2)[:, : width // 2]
+    packed = np.empty(height * width * 3 // 2, dtype=np.uint8)
+    packed[: height * width] = data[:height, :width].reshape(-1)
+    packed[height * width : height * width + plane * width // stride] = u.reshape(-1)
+    packed[height * width + plane * width // stride :] = v.reshape(-1)
+    packed = packed.reshape(height * 3 // 2, width)
     return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
 
 

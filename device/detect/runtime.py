@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -94,7 +95,10 @@ def open_interpreter(
     if preserve_all_tensors:
         kwargs["experimental_preserve_all_tensors"] = True
     try:
-        interpreter = module.Interpreter(**kwargs)
+        with warnings.catch_warnings():
+            # LiteRT warns that preserving all tensors costs memory: asked for on purpose.
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+            interpreter = module.Interpreter(**kwargs)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,82 @@
+"""Every supported output layout, float and int8, on small real TFLite models with known boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelgen
+from device.detect.detector import Detector
+from device.detect.nms import box_iou
+from device.errors import CollapsedScoresError, DetectorError, LabelsError
+
+GOOD = [c for c in modelgen.CASES if not c.extra]
+
+
+def _frame() -> np.ndarray:
+    return np.full((modelgen.SOURCE_H, modelgen.SOURCE_W, 3), 90, np.uint8)
+
+
+def _open(folder: Path, case: modelgen.Case, **kw: object) -> Detector:
+    if case.layout == "ssd_raw":
+        kw.setdefault("anchors", folder / "anchors.npy")
+    return Detector.open(folder / f"{case.name}.tflite", folder / "labels.txt", resize=case.resize, **kw)
+
+
+@pytest.mark.parametrize("case", GOOD, ids=[c.name for c in GOOD])
+def test_decoder_recovers_the_known_boxes(testmodels: Path, case: modelgen.Case) -> None:
+    det = _open(testmodels, case)
+    assert det.manifest.decoder.kind == case.layout
+    assert det.manifest.input.layout == ("NCHW" if case.nchw else "NHWC")
+    assert det.manifest.input.dtype == ("float32" if not case.quantized else case.input_type)
+    found = det.detect(_frame())
+    truth = modelgen.TRUTH
+    assert len(found) == len(truth.boxes), found
+    for want_box, want_cls, want_score in zip(truth.boxes, truth.classes, truth.scores, strict=True):
+        match = max(found, key=lambda d: box_iou(np.array(want_box), np.array([d.box]))[0])
+        assert box_iou(np.array(want_box), np.array([match.box]))[0] > 0.9
+        assert match.class_id == want_cls
+        assert match.label == ["parcel", "person", "dog", "cat"][want_cls]
+        assert match.score == pytest.approx(want_score, abs=0.02)
+
+
+def test_quantized_outputs_have_their_own_parameters(testmodels: Path) -> None:
+    case = next(c for c in modelgen.CASES if c.name == "ssd_raw_int8")
+    det = _open(testmodels, case)
+    params = {role: (scale, zp) for role, (_, _, scale, zp) in det._outputs.items()}
+    assert params["boxes"] != params["scores"]
+    assert all(scale is not None for scale, _ in params.values())
+
+
+def test_wrong_label_count_is_refused(testmodels: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("parcel\nperson\n")
+    with pytest.raises(LabelsError, match=r"labels list 2 classes but yolo_v8_float.tflite has 4"):
+        Detector.open(testmodels / "yolo_v8_float.tflite", labels)
+
+
+def test_ssd_raw_without_anchors_says_what_is_missing(testmodels: Path) -> None:
+    with pytest.raises(Exception, match=r"raw SSD head; pass --anchors FILE.npy \(160 rows\)"):
+        Detector.open(testmodels / "ssd_raw_float.tflite", testmodels / "labels.txt")
+
+
+def test_collapsed_int8_scores_are_reported(testmodels: Path) -> None:
+    case = next(c for c in modelgen.CASES if c.name == "yolo_v8_int8_collapsed")
+    det = _open(testmodels, case)
+    assert det.detect(_frame()) == []
+    with pytest.raises(CollapsedScoresError, match="every class score is 0 on 1 test frame"):
+        det.self_test([_frame()])
+
+
+def test_nan_outputs_are_reported(testmodels: Path) -> None:
+    case = next(c for c in modelgen.CASES if c.name == "yolo_v8_float_nan")
+    det = _open(testmodels, case)
+    with pytest.raises(DetectorError, match="holds NaN or inf values"):
+        det.detect(_frame())
+
+
+def test_healthy_model_passes_self_test(testmodels: Path) -> None:
+    det = _open(testmodels, GOOD[1])
+    assert det.self_test([_frame()]) == pytest.approx(0.9, abs=0.02)
