@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from device.detect.flatbuffer import FlatbufferError, check_flatbuffer
 from device.errors import ModelError
 
 RuntimeName = Literal["auto", "ai_edge_litert", "tflite_runtime"]
@@ -56,8 +57,8 @@ def check_tflite_file(path: Path) -> None:
         raise ModelError(f"{path}: model file not found")
     if not path.is_file():
         raise ModelError(f"{path}: is not a file (a bundle directory needs a manifest.json)")
-    with path.open("rb") as fh:
-        head = fh.read(8)
+    data = path.read_bytes()
+    head = data[:8]
     if len(head) < 8:
         raise ModelError(f"{path}: file is {len(head)} bytes long: not a TFLite model (truncated?)")
     if head[4:8] != TFLITE_MAGIC:
@@ -65,6 +66,10 @@ def check_tflite_file(path: Path) -> None:
             f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4; "
             f"starts with {head[:8]!r})"
         )
+    try:
+        check_flatbuffer(data)
+    except FlatbufferError as exc:
+        raise ModelError(f"{path}: corrupt or truncated TFLite model: {exc}") from None
 
 
 def open_interpreter(
