@@ -34,7 +34,10 @@ class BenchRow:
             "runtime": self.runtime,
             "frames": self.frames,
             "fps": round(self.fps, 1),
-            **{f"{stage}_ms": {"p50": round(a, 3), "p95": round(b, 3)} for stage, (a, b) in self.stats.items()},
+            **{
+                f"{stage}_ms": {"p50": round(a, 3), "p95": round(b, 3)}
+                for stage, (a, b) in self.stats.items()
+            },
         }
 
 
@@ -81,7 +84,10 @@ def load_frames(source: str | None, size: tuple[int, int], limit: int = 30) -> l
         raise DoorstepError(f"{source}: not found (expected an image, a video file or a folder)")
     if not frames:
         raise DoorstepError(f"{source}: no readable image or video frame")
-    return [cv2.resize(f, size, interpolation=cv2.INTER_AREA) if f.shape[1::-1] != size else f for f in frames]
+    return [
+        cv2.resize(f, size, interpolation=cv2.INTER_AREA) if f.shape[1::-1] != size else f
+        for f in frames
+    ]
 
 
 def _cycle(frames: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
@@ -113,8 +119,15 @@ def bench(
             t = det.last_times
             times[i] = (t.preprocess, t.invoke, t.decode)
             time.sleep(0)  # let a capture thread run, as in the daemon
-        stages = {"preprocess": times[:, 0], "invoke": times[:, 1], "decode": times[:, 2], "total": times.sum(axis=1)}
-        stats = {k: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for k, v in stages.items()}
+        stages = {
+            "preprocess": times[:, 0],
+            "invoke": times[:, 1],
+            "decode": times[:, 2],
+            "total": times.sum(axis=1),
+        }
+        stats = {
+            k: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for k, v in stages.items()
+        }
         rows.append(BenchRow(n, det.runtime_version, iterations, stats))
     return rows
 
@@ -127,5 +140,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             lines.append(f"{row.threads:>7}  {stage:<11} {p50:>8.2f} {p95:>8.2f}")
         pre, dec, inv = row.stats["preprocess"][0], row.stats["decode"][0], row.stats["invoke"][0]
         share = (pre + dec) / inv * 100 if inv else float("nan")
-        lines.append(f"{row.threads:>7}  {'fps':<11} {row.fps:>8.1f}   (preprocess+decode = {share:.1f}% of invoke)")
+        lines.append(
+            f"{row.threads:>7}  {'fps':<11} {row.fps:>8.1f}   (preprocess+decode = {share:.1f}% of invoke)"
+        )
     return "\n".join(lines)

@@ -20,14 +20,28 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", "-m", required=required, metavar="MODEL_OR_BUNDLE",
-                   help="a bundle directory or .tar, or a bare .tflite (then --labels)")
-    p.add_argument("--labels", metavar="FILE", help="label file for a bare .tflite (one name per line)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "ai_edge_litert", "tflite_runtime"),
-                   help="inference runtime (default: auto, LiteRT first)")
-    p.add_argument("--decoder", default="auto",
-                   choices=("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw"),
-                   help="output layout of a bare .tflite (default: detect it)")
+    p.add_argument(
+        "--model",
+        "-m",
+        required=required,
+        metavar="MODEL_OR_BUNDLE",
+        help="a bundle directory or .tar, or a bare .tflite (then --labels)",
+    )
+    p.add_argument(
+        "--labels", metavar="FILE", help="label file for a bare .tflite (one name per line)"
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "ai_edge_litert", "tflite_runtime"),
+        help="inference runtime (default: auto, LiteRT first)",
+    )
+    p.add_argument(
+        "--decoder",
+        default="auto",
+        choices=("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw"),
+        help="output layout of a bare .tflite (default: detect it)",
+    )
     p.add_argument("--anchors", metavar="FILE.npy", help="anchors of a raw SSD head (bare .tflite)")
 
 
@@ -54,45 +68,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"doorstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", formatter_class=_formatter,
-                       help="show a model's inputs, outputs, quantization, ops and manifest",
-                       description="Show what a model or bundle holds: input and output tensors with "
-                       "dtypes and quantization, op counts, the detected output layout, the manifest.",
-                       epilog="examples:\n  doorstep-device inspect detect.tflite --labels labels.txt\n"
-                       "  doorstep-device inspect model-bundle/ --json")
+    p = sub.add_parser(
+        "inspect",
+        formatter_class=_formatter,
+        help="show a model's inputs, outputs, quantization, ops and manifest",
+        description="Show what a model or bundle holds: input and output tensors with "
+        "dtypes and quantization, op counts, the detected output layout, the manifest.",
+        epilog="examples:\n  doorstep-device inspect detect.tflite --labels labels.txt\n"
+        "  doorstep-device inspect model-bundle/ --json",
+    )
     p.add_argument("model", metavar="MODEL_OR_BUNDLE")
-    p.add_argument("--labels", metavar="FILE", help="label file (checks the class count, for a bare .tflite)")
-    p.add_argument("--runtime", default="auto", choices=("auto", "ai_edge_litert", "tflite_runtime"))
+    p.add_argument(
+        "--labels", metavar="FILE", help="label file (checks the class count, for a bare .tflite)"
+    )
+    p.add_argument(
+        "--runtime", default="auto", choices=("auto", "ai_edge_litert", "tflite_runtime")
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = sub.add_parser("detect", formatter_class=_formatter, help="detect objects in images",
-                       description="Run the detector on images (or folders of images), print the "
-                       "detections and optionally write annotated copies.",
-                       epilog="examples:\n"
-                       "  doorstep-device detect pets.jpg --model detect.tflite --labels labels.txt\n"
-                       "  doorstep-device detect photos/ --model model-bundle/ --json --out annotated/")
+    p = sub.add_parser(
+        "detect",
+        formatter_class=_formatter,
+        help="detect objects in images",
+        description="Run the detector on images (or folders of images), print the "
+        "detections and optionally write annotated copies.",
+        epilog="examples:\n"
+        "  doorstep-device detect pets.jpg --model detect.tflite --labels labels.txt\n"
+        "  doorstep-device detect photos/ --model model-bundle/ --json --out annotated/",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     _model_options(p)
-    p.add_argument("--threshold", type=float, metavar="T", help="minimum score (default: the bundle's)")
-    p.add_argument("--threads", type=int, metavar="N", help="interpreter threads (default: all cores)")
+    p.add_argument(
+        "--threshold", type=float, metavar="T", help="minimum score (default: the bundle's)"
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="interpreter threads (default: all cores)"
+    )
     p.add_argument("--out", metavar="DIR", help="write annotated images here")
-    p.add_argument("--json", action="store_true", help="print one JSON document, detections per image")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document, detections per image"
+    )
 
-    p = sub.add_parser("bench", formatter_class=_formatter, help="time preprocess, invoke and decode",
-                       description="Benchmark one model: p50/p95 milliseconds of each stage and frames "
-                       "per second, at 1 thread and at all cores. A table, not a pass/fail.",
-                       epilog="examples:\n  doorstep-device bench --model detect.tflite --labels labels.txt\n"
-                       "  doorstep-device bench --model model-bundle/ --source clip.mp4 --frame-size 640x480")
+    p = sub.add_parser(
+        "bench",
+        formatter_class=_formatter,
+        help="time preprocess, invoke and decode",
+        description="Benchmark one model: p50/p95 milliseconds of each stage and frames "
+        "per second, at 1 thread and at all cores. A table, not a pass/fail.",
+        epilog="examples:\n  doorstep-device bench --model detect.tflite --labels labels.txt\n"
+        "  doorstep-device bench --model model-bundle/ --source clip.mp4 --frame-size 640x480",
+    )
     _model_options(p)
-    p.add_argument("--source", metavar="S", help="image, video file or folder (default: a synthetic frame)")
-    p.add_argument("--frame-size", default="640x480", metavar="WxH", help="frame size (default: 640x480)")
-    p.add_argument("--iterations", type=int, default=100, metavar="N", help="timed frames per setting")
+    p.add_argument(
+        "--source", metavar="S", help="image, video file or folder (default: a synthetic frame)"
+    )
+    p.add_argument(
+        "--frame-size", default="640x480", metavar="WxH", help="frame size (default: 640x480)"
+    )
+    p.add_argument(
+        "--iterations", type=int, default=100, metavar="N", help="timed frames per setting"
+    )
     p.add_argument("--threads", metavar="N[,N]", help="thread counts (default: 1 and all cores)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
-    p = sub.add_parser("check-config", formatter_class=_formatter, help="validate a device.yaml",
-                       description="Validate a device configuration and print it with defaults filled in.",
-                       epilog="example:\n  doorstep-device check-config configs/device.yaml")
+    p = sub.add_parser(
+        "check-config",
+        formatter_class=_formatter,
+        help="validate a device.yaml",
+        description="Validate a device configuration and print it with defaults filled in.",
+        epilog="example:\n  doorstep-device check-config configs/device.yaml",
+    )
     p.add_argument("config", metavar="FILE")
     return parser
 
@@ -104,7 +149,9 @@ def _expand_images(items: Sequence[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise DoorstepError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise DoorstepError(
+                    f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -132,8 +179,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from device.errors import CollapsedScoresError
 
     images = _expand_images(args.images)
-    det = Detector.open(args.model, args.labels, score_threshold=args.threshold,
-                        num_threads=args.threads, **_model_kwargs(args))
+    det = Detector.open(
+        args.model,
+        args.labels,
+        score_threshold=args.threshold,
+        num_threads=args.threads,
+        **_model_kwargs(args),
+    )
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,20 +196,32 @@ def cmd_detect(args: argparse.Namespace) -> int:
         image = cv2.imread(str(path))
         if image is None:
             unreadable.append(str(path))
-            print(f"doorstep-device: warning: {path}: not a readable image, skipped", file=sys.stderr)
+            print(
+                f"doorstep-device: warning: {path}: not a readable image, skipped", file=sys.stderr
+            )
             continue
         dets = det.detect(image)
         peak = max(peak, det.last_peak_score())
-        results.append({"image": str(path), "width": image.shape[1], "height": image.shape[0],
-                        "detections": [d.to_json() for d in dets]})
+        results.append(
+            {
+                "image": str(path),
+                "width": image.shape[1],
+                "height": image.shape[0],
+                "detections": [d.to_json() for d in dets],
+            }
+        )
         if out_dir:
             cv2.imwrite(str(out_dir / f"{path.stem}.jpg"), annotate(image, dets))
         if not args.json:
             t = det.last_times
-            print(f"{path}: {len(dets)} detection(s)  [{t.preprocess:.1f} + {t.invoke:.1f} + {t.decode:.1f} ms]")
+            print(
+                f"{path}: {len(dets)} detection(s)  [{t.preprocess:.1f} + {t.invoke:.1f} + {t.decode:.1f} ms]"
+            )
             for d in dets:
                 x1, y1, x2, y2 = d.box
-                print(f"  {d.label:<16} {d.score:5.2f}  box [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}]")
+                print(
+                    f"  {d.label:<16} {d.score:5.2f}  box [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}]"
+                )
     if not results:
         raise DoorstepError("none of the images could be read")
     if peak <= 0.0:
@@ -168,10 +232,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
         )
     if args.json:
         m = det.manifest
-        doc = {"model": {"name": m.name, "version": m.version, "sha256": m.files.get(m.model_file).sha256
-                         if m.model_file in m.files else None, "runtime": det.runtime_version,
-                         "score_threshold": det.score_threshold},
-               "images": results, "unreadable": unreadable}
+        entry = m.files.get(m.model_file)
+        doc = {
+            "model": {
+                "name": m.name,
+                "version": m.version,
+                "sha256": entry.sha256 if entry is not None else None,
+                "runtime": det.runtime_version,
+                "score_threshold": det.score_threshold,
+            },
+            "images": results,
+            "unreadable": unreadable,
+        }
         print(json.dumps(doc, indent=2))
     elif out_dir:
         print(f"annotated images written to {out_dir}/")
@@ -201,10 +273,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     frames = load_frames(args.source, size)
     kwargs = _model_kwargs(args)
     runtime = kwargs.pop("runtime")
-    print(f"benchmarking {args.model} on {len(frames)} frame(s) of {size[0]}x{size[1]} "
-          f"({args.source or 'synthetic'}), {args.iterations} iterations per setting", file=sys.stderr)
-    rows = bench(args.model, frames, labels=args.labels, runtime=runtime, threads=threads,
-                 iterations=args.iterations, **kwargs)
+    print(
+        f"benchmarking {args.model} on {len(frames)} frame(s) of {size[0]}x{size[1]} "
+        f"({args.source or 'synthetic'}), {args.iterations} iterations per setting",
+        file=sys.stderr,
+    )
+    rows = bench(
+        args.model,
+        frames,
+        labels=args.labels,
+        runtime=runtime,
+        threads=threads,
+        iterations=args.iterations,
+        **kwargs,
+    )
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
@@ -220,7 +302,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "detect": cmd_detect, "bench": cmd_bench, "check-config": cmd_check_config}
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "detect": cmd_detect,
+    "bench": cmd_bench,
+    "check-config": cmd_check_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,7 +77,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _bare_model_needs_labels(self) -> ModelConfig:
         if self.path is not None and self.path.suffix == ".tflite" and self.labels is None:
-            raise ValueError("a bare .tflite model needs `labels` (or wrap it: doorstep-host bundle)")
+            raise ValueError(
+                "a bare .tflite model needs `labels` (or wrap it: doorstep-host bundle)"
+            )
         return self
 
     def detector_options(self) -> dict[str, Any]:
@@ -103,17 +105,21 @@ class DeviceConfig(_Section):
     model: ModelConfig = ModelConfig()
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# Without types-PyYAML (a dev extra) ``yaml.SafeLoader`` is ``Any``; with it, this ignore is unused.
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
     """A SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
@@ -132,7 +138,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -141,7 +147,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

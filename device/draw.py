@@ -12,7 +12,7 @@ from device.detect.detector import Detection
 
 def _colour(class_id: int) -> tuple[int, int, int]:
     hue = (class_id * 47) % 180
-    bgr = cv2.cvtColor(np.uint8([[[hue, 200, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]  # type: ignore[call-overload]
+    bgr = cv2.cvtColor(np.array([[[hue, 200, 255]]], dtype=np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
 
@@ -28,5 +28,7 @@ def annotate(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, thick)
         ty = max(y1, th + base)
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw, ty), colour, -1)
-        cv2.putText(out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick)
+        cv2.putText(
+            out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick
+        )
     return out

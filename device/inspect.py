@@ -24,14 +24,25 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         def tensor(t: TensorFacts) -> dict[str, Any]:
-            return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "scale": t.scale,
-                    "zero_point": t.zero_point, "per_channel": t.per_channel}
+            return {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "scale": t.scale,
+                "zero_point": t.zero_point,
+                "per_channel": t.per_channel,
+            }
 
         f = self.facts
         return {
-            "model": str(f.path), "size": f.size, "sha256": f.sha256, "runtime": f.runtime,
-            "inputs": [tensor(t) for t in f.inputs], "outputs": [tensor(t) for t in f.outputs],
-            "ops": f.ops, "tensors": f.tensor_count,
+            "model": str(f.path),
+            "size": f.size,
+            "sha256": f.sha256,
+            "runtime": f.runtime,
+            "inputs": [tensor(t) for t in f.inputs],
+            "outputs": [tensor(t) for t in f.outputs],
+            "ops": f.ops,
+            "tensors": f.tensor_count,
             "layout": self.layout.model_dump(mode="json") if self.layout else None,
             "layout_error": self.layout_error,
             "manifest": self.manifest.model_dump(mode="json") if self.manifest else None,
@@ -52,7 +63,9 @@ class Report:
         ]
         if self.layout:
             lines.append(f"layout    {self.layout.kind}: {self.layout.detected_as}")
-            lines.extend(f"  {role:<12} {t.name} {t.shape}" for role, t in self.layout.outputs.items())
+            lines.extend(
+                f"  {role:<12} {t.name} {t.shape}" for role, t in self.layout.outputs.items()
+            )
         elif self.layout_error:
             lines.append(f"layout    not recognised: {self.layout_error}")
         if self.manifest:
@@ -62,7 +75,9 @@ class Report:
         return "\n".join(lines)
 
 
-def inspect_model(path: str | Path, labels: str | Path | None = None, runtime: str = "auto") -> Report:
+def inspect_model(
+    path: str | Path, labels: str | Path | None = None, runtime: str = "auto"
+) -> Report:
     """Read a bundle (verified) or a bare .tflite and report on it."""
     path = Path(path)
     manifest = None

@@ -24,7 +24,9 @@ def read_labels(path: str | Path) -> list[str]:
     except FileNotFoundError:
         raise LabelsError(f"{path}: label file not found") from None
     except UnicodeDecodeError as exc:
-        raise LabelsError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raise LabelsError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise LabelsError(f"{path}: cannot read label file: {exc.strerror}") from None
     lines = text.splitlines()

@@ -37,11 +37,17 @@ def bundle_model(args: argparse.Namespace) -> Bundle:
     for role, t in d.outputs.items():
         print(f"  {role:<12} {t.name} {t.shape}", file=sys.stderr)
     quant = f", scale {i.scale:.6g}, zero point {i.zero_point}" if i.scale is not None else ""
-    print(f"input: {i.width}x{i.height} {i.layout} {i.channel_order} {i.dtype}{quant}, "
-          f"{i.resize}, normalization mean {list(i.normalization.mean)} std {list(i.normalization.std)}",
-          file=sys.stderr)
-    roles = ", ".join(f"{r}={[manifest.labels.names[c] for c in ids]}" for r, ids in manifest.labels.roles.items())
-    print(f"labels: {len(manifest.labels.names)} classes; roles: {roles or 'none'}", file=sys.stderr)
+    print(
+        f"input: {i.width}x{i.height} {i.layout} {i.channel_order} {i.dtype}{quant}, "
+        f"{i.resize}, normalization mean {list(i.normalization.mean)} std {list(i.normalization.std)}",
+        file=sys.stderr,
+    )
+    roles = ", ".join(
+        f"{r}={[manifest.labels.names[c] for c in ids]}" for r, ids in manifest.labels.roles.items()
+    )
+    print(
+        f"labels: {len(manifest.labels.names)} classes; roles: {roles or 'none'}", file=sys.stderr
+    )
     bundle = write_bundle(args.out, manifest, files, overwrite=args.force)
     print(f"wrote {bundle.source}/ ({', '.join(sorted(bundle.manifest.files))} + manifest.json)")
     if args.tar:

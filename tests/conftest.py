@@ -20,7 +20,9 @@ HAS_TF = importlib.util.find_spec("tensorflow") is not None
 def _shared(rel: str) -> Path:
     path = SHARED / rel
     if not path.exists():
-        pytest.skip(f"needs ../shared/{rel} (the project's shared data, laid beside the clone in CI)")
+        pytest.skip(
+            f"needs ../shared/{rel} (the project's shared data, laid beside the clone in CI)"
+        )
     return path
 
 

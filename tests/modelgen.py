@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "test-models" / hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+CACHE = (
+    ROOT / ".cache" / "test-models" / hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+)
 
 INPUT = 64  # model input is INPUT x INPUT
 SOURCE_W, SOURCE_H = 128, 96  # source frames are 4:3, so letterbox padding is exercised
@@ -65,7 +67,9 @@ CASES = [
     Case("ssd_raw_int8", "ssd_raw", quantized=True, resize="stretch"),
     # Boxes in the pixels of a 640-wide model share one int8 tensor with the scores: the
     # scores round to zero, the classic collapse the detector must report.
-    Case("yolo_v8_int8_collapsed", "yolo_v8", quantized=True, pixels=True, extra={"box_gain": 10.0}),
+    Case(
+        "yolo_v8_int8_collapsed", "yolo_v8", quantized=True, pixels=True, extra={"box_gain": 10.0}
+    ),
     # A float model whose scores are NaN, as a broken conversion yields.
     Case("yolo_v8_float_nan", "yolo_v8", extra={"nan": True}),
 ]
@@ -103,7 +107,14 @@ def ssd_anchors() -> np.ndarray:
         for i in range(cells):
             for j in range(cells):
                 for aspect in (1.0, 2.0):
-                    rows.append([(i + 0.5) / cells, (j + 0.5) / cells, size / math.sqrt(aspect), size * math.sqrt(aspect)])
+                    rows.append(
+                        [
+                            (i + 0.5) / cells,
+                            (j + 0.5) / cells,
+                            size / math.sqrt(aspect),
+                            size * math.sqrt(aspect),
+                        ]
+                    )
     return np.array(rows, dtype=np.float32)
 
 
@@ -113,8 +124,15 @@ def head_outputs(case: Case) -> dict[str, np.ndarray]:
     boxes = _canvas_boxes(case.resize)
     unit = 1.0 if case.pixels else 1.0 / INPUT
     xyxy = boxes * unit
-    cxcywh = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                       xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1)
+    cxcywh = np.stack(
+        [
+            (xyxy[:, 0] + xyxy[:, 2]) / 2,
+            (xyxy[:, 1] + xyxy[:, 3]) / 2,
+            xyxy[:, 2] - xyxy[:, 0],
+            xyxy[:, 3] - xyxy[:, 1],
+        ],
+        axis=1,
+    )
     span = INPUT * unit
     if case.layout == "yolo_v8":
         n = _cells()
@@ -160,8 +178,12 @@ def head_outputs(case: Case) -> dict[str, np.ndarray]:
         for k, slot in enumerate((27, 140)):
             x1, y1, x2, y2 = norm[k]
             yc, xc, h, w = anchors[slot]
-            enc[slot] = [((y1 + y2) / 2 - yc) / h * 10, ((x1 + x2) / 2 - xc) / w * 10,
-                         math.log((y2 - y1) / h) * 5, math.log((x2 - x1) / w) * 5]
+            enc[slot] = [
+                ((y1 + y2) / 2 - yc) / h * 10,
+                ((x1 + x2) / 2 - xc) / w * 10,
+                math.log((y2 - y1) / h) * 5,
+                math.log((x2 - x1) / w) * 5,
+            ]
             logits[slot, 0] = -4.0
             logits[slot, 1 + TRUTH.classes[k]] = math.log(TRUTH.scores[k] / (1 - TRUTH.scores[k]))
         return {"box_encodings": enc, "class_predictions": logits}

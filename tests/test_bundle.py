@@ -29,7 +29,9 @@ def test_manifest_holds_the_contract(bundle_dir: Path, ssd_model: Path) -> None:
     assert len(raw["files"]["model.tflite"]["sha256"]) == 64
     assert raw["input"]["scale"] == 1 / 128 and raw["input"]["zero_point"] == 128
     assert raw["decoder"]["outputs"]["boxes"] == {
-        "name": "TFLite_Detection_PostProcess", "shape": [1, 10, 4], "dtype": "float32"
+        "name": "TFLite_Detection_PostProcess",
+        "shape": [1, 10, 4],
+        "dtype": "float32",
     }
     names = raw["labels"]["names"]
     assert {names[i] for i in raw["labels"]["roles"]["package"]} == {"suitcase", "book"}
@@ -75,14 +77,28 @@ def test_a_missing_file_is_refused(bundle_dir: Path) -> None:
     ("edit", "message"),
     [
         (lambda m: m.update(schema_version=9), "schema_version 9 is newer than this doorstep"),
-        (lambda m: m["input"].update(layout="NWHC"), "input.layout: Input should be 'NHWC' or 'NCHW'"),
-        (lambda m: m["thresholds"].update(score=1.5), "thresholds.score: Input should be less than or equal to 1"),
+        (
+            lambda m: m["input"].update(layout="NWHC"),
+            "input.layout: Input should be 'NHWC' or 'NCHW'",
+        ),
+        (
+            lambda m: m["thresholds"].update(score=1.5),
+            "thresholds.score: Input should be less than or equal to 1",
+        ),
         (lambda m: m.update(surprise=1), "surprise: Extra inputs are not permitted"),
-        (lambda m: m["labels"]["roles"].update(package=[500]), "role 'package' names class ids [500]"),
-        (lambda m: m["files"].update({"../etc": m["files"]["model.tflite"]}), "is not a plain file name"),
+        (
+            lambda m: m["labels"]["roles"].update(package=[500]),
+            "role 'package' names class ids [500]",
+        ),
+        (
+            lambda m: m["files"].update({"../etc": m["files"]["model.tflite"]}),
+            "is not a plain file name",
+        ),
     ],
 )
-def test_a_bad_manifest_is_refused_with_the_key(bundle_dir: Path, edit: object, message: str) -> None:
+def test_a_bad_manifest_is_refused_with_the_key(
+    bundle_dir: Path, edit: object, message: str
+) -> None:
     path = bundle_dir / "manifest.json"
     raw = json.loads(path.read_text())
     edit(raw)  # type: ignore[operator]
@@ -106,7 +122,9 @@ def test_a_tar_with_a_path_outside_the_bundle_is_refused(bundle_dir: Path, tmp_p
         load_bundle(evil)
 
 
-def test_an_existing_bundle_is_not_overwritten_without_force(bundle_dir: Path, ssd_model: Path, ssd_labels: Path) -> None:
+def test_an_existing_bundle_is_not_overwritten_without_force(
+    bundle_dir: Path, ssd_model: Path, ssd_labels: Path
+) -> None:
     manifest, files = describe_model(ssd_model, ssd_labels, version="2.0.0")
     with pytest.raises(BundleError, match="already exists"):
         write_bundle(bundle_dir, manifest, files)
@@ -114,7 +132,9 @@ def test_an_existing_bundle_is_not_overwritten_without_force(bundle_dir: Path, s
     assert write_bundle(bundle_dir, manifest, files, overwrite=True).manifest.version == "2.0.0"
 
 
-def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, ssd_model: Path, ssd_labels: Path) -> None:
+def test_a_failed_write_leaves_nothing_behind(
+    tmp_path: Path, ssd_model: Path, ssd_labels: Path
+) -> None:
     manifest, files = describe_model(ssd_model, ssd_labels)
     files["notes.txt"] = tmp_path / "does-not-exist.txt"
     with pytest.raises(FileNotFoundError):

@@ -36,20 +36,36 @@ def test_relative_model_paths_resolve_against_the_config(tmp_path: Path) -> None
     [
         ("device_id: d1\nmodle: {}\n", "device.yaml: modle: Extra inputs are not permitted"),
         ("device_id: d1\nmodel:\n  threads: 2\n", "model.threads: Extra inputs are not permitted"),
-        ("device_id: d1\nmodel:\n  num_threads: many\n", "model.num_threads: Input should be a valid integer"),
-        ("device_id: d1\nmodel:\n  score_threshold: -0.2\n",
-         "model.score_threshold: Input should be greater than or equal to 0 (got -0.2)"),
-        ("device_id: d1\nmodel:\n  iou_threshold: 0\n", "model.iou_threshold: Input should be greater than 0"),
-        ("device_id: d1\nmodel:\n  path: missing/model-bundle\n", "model.path: Value error, path does not exist"),
+        (
+            "device_id: d1\nmodel:\n  num_threads: many\n",
+            "model.num_threads: Input should be a valid integer",
+        ),
+        (
+            "device_id: d1\nmodel:\n  score_threshold: -0.2\n",
+            "model.score_threshold: Input should be greater than or equal to 0 (got -0.2)",
+        ),
+        (
+            "device_id: d1\nmodel:\n  iou_threshold: 0\n",
+            "model.iou_threshold: Input should be greater than 0",
+        ),
+        (
+            "device_id: d1\nmodel:\n  path: missing/model-bundle\n",
+            "model.path: Value error, path does not exist",
+        ),
         ("device_id: front door\n", "device_id: String should match pattern"),
         ("model: {}\n", "device_id: Field required"),
         ("device_id: d1\nmodel:\n  runtime: tensorflow\n", "model.runtime: Input should be 'auto'"),
         ("- a\n- b\n", "the top level must be a mapping"),
-        ("device_id: d1\ndevice_id: d2\n", "device.yaml:2:1: invalid YAML: duplicate key 'device_id'"),
+        (
+            "device_id: d1\ndevice_id: d2\n",
+            "device.yaml:2:1: invalid YAML: duplicate key 'device_id'",
+        ),
         ("device_id: [d1\n", "invalid YAML"),
     ],
 )
-def test_bad_configs_are_refused_with_key_path_and_reason(tmp_path: Path, text: str, expected: str) -> None:
+def test_bad_configs_are_refused_with_key_path_and_reason(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(_cfg(tmp_path, text))
     assert expected in str(err.value)
@@ -57,7 +73,9 @@ def test_bad_configs_are_refused_with_key_path_and_reason(tmp_path: Path, text: 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(_cfg(tmp_path, "device_id: d1\nmodel:\n  num_threads: 0\n  max_detections: -1\n"))
+        load_config(
+            _cfg(tmp_path, "device_id: d1\nmodel:\n  num_threads: 0\n  max_detections: -1\n")
+        )
     lines = str(err.value).splitlines()
     assert any("model.num_threads" in line for line in lines)
     assert any("model.max_detections" in line for line in lines)

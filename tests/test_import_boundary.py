@@ -46,6 +46,7 @@ def test_no_device_source_file_imports_tensorflow_keras_or_host() -> None:
 
 def test_importing_device_cli_stays_light() -> None:
     """The CLI module imports no runtime, OpenCV or pydantic until a command needs them."""
-    code = "import sys, device.cli; print(sorted(m for m in ('cv2', 'tflite_runtime', 'ai_edge_litert', 'pydantic') if m in sys.modules))"
+    heavy = ("cv2", "tflite_runtime", "ai_edge_litert", "pydantic")
+    code = f"import sys, device.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -27,7 +27,9 @@ def test_background_first_line_is_dropped(tmp_path: Path) -> None:
 
 def test_numbered_lines(tmp_path: Path) -> None:
     assert read_labels(_write(tmp_path, "1 person\n0: package\n2  dog walker\n")) == [
-        "package", "person", "dog walker"
+        "package",
+        "person",
+        "dog walker",
     ]
 
 
@@ -47,7 +49,9 @@ def test_real_coco_label_map(ssd_labels: Path) -> None:
         ("???\n", "only a background entry"),
     ],
 )
-def test_bad_label_files_name_file_and_line(tmp_path: Path, text: str | bytes, message: str) -> None:
+def test_bad_label_files_name_file_and_line(
+    tmp_path: Path, text: str | bytes, message: str
+) -> None:
     with pytest.raises(LabelsError, match="labels.txt") as err:
         read_labels(_write(tmp_path, text))
     assert message in str(err.value)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import modelgen
 import numpy as np
 import pytest
 
-import modelgen
 from device.detect.detector import Detector
 from device.detect.nms import box_iou
 from device.errors import CollapsedScoresError, DetectorError, LabelsError
@@ -22,7 +22,9 @@ def _frame() -> np.ndarray:
 def _open(folder: Path, case: modelgen.Case, **kw: object) -> Detector:
     if case.layout == "ssd_raw":
         kw.setdefault("anchors", folder / "anchors.npy")
-    return Detector.open(folder / f"{case.name}.tflite", folder / "labels.txt", resize=case.resize, **kw)
+    return Detector.open(
+        folder / f"{case.name}.tflite", folder / "labels.txt", resize=case.resize, **kw
+    )
 
 
 @pytest.mark.parametrize("case", GOOD, ids=[c.name for c in GOOD])
@@ -34,7 +36,9 @@ def test_decoder_recovers_the_known_boxes(testmodels: Path, case: modelgen.Case)
     found = det.detect(_frame())
     truth = modelgen.TRUTH
     assert len(found) == len(truth.boxes), found
-    for want_box, want_cls, want_score in zip(truth.boxes, truth.classes, truth.scores, strict=True):
+    for want_box, want_cls, want_score in zip(
+        truth.boxes, truth.classes, truth.scores, strict=True
+    ):
         match = max(found, key=lambda d: box_iou(np.array(want_box), np.array([d.box]))[0])
         assert box_iou(np.array(want_box), np.array([match.box]))[0] > 0.9
         assert match.class_id == want_cls

@@ -5,12 +5,16 @@ import numpy as np
 from device.detect.nms import box_iou, nms
 
 
-def _reference_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, thr: float) -> list[int]:
+def _reference_nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, thr: float
+) -> list[int]:
     """Textbook greedy NMS, one pair at a time, per class."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     keep: list[int] = []
     for i in order:
-        if all(classes[i] != classes[k] or box_iou(boxes[k], boxes[i:i + 1])[0] <= thr for k in keep):
+        if all(
+            classes[i] != classes[k] or box_iou(boxes[k], boxes[i : i + 1])[0] <= thr for k in keep
+        ):
             keep.append(i)
     return keep
 

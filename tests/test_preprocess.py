@@ -5,17 +5,24 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from yuv import pad_i420
 
 from device.bundle.manifest import InputSpec, Normalization
 from device.detect.preprocess import InputTransform, Yuv420Frame, value_lut, yuv420_to_bgr
 from device.errors import DetectorError
-from yuv import pad_i420
 
 
 def _spec(**kw: object) -> InputSpec:
     base: dict[str, object] = dict(
-        name="in", height=64, width=64, layout="NHWC", channel_order="RGB", dtype="uint8",
-        scale=1 / 255, zero_point=0, resize="letterbox",
+        name="in",
+        height=64,
+        width=64,
+        layout="NHWC",
+        channel_order="RGB",
+        dtype="uint8",
+        scale=1 / 255,
+        zero_point=0,
+        resize="letterbox",
         normalization=Normalization(mean=(0, 0, 0), std=(255, 255, 255)),
     )
     base.update(kw)
@@ -69,22 +76,53 @@ def test_stretch_and_channel_order() -> None:
     assert (geo.scale_x, geo.scale_y) == (0.25, 0.5)
 
 
-def test_uint8_model_scale_gives_identity_and_ssd_style_normalisation_too() -> None:
-    assert value_lut(_spec()) is None
-    ssd = _spec(scale=1 / 128, zero_point=128, normalization=Normalization(mean=(128,) * 3, std=(128,) * 3))
+def test_uint8_input_matching_the_normalisation_is_fed_unchanged() -> None:
+    assert value_lut(_spec()) is None  # 0..1 model, scale 1/255: q = pixel
+    ssd = _spec(
+        scale=1 / 128, zero_point=128, normalization=Normalization(mean=(128,) * 3, std=(128,) * 3)
+    )
     assert value_lut(ssd) is None
+
+
+def test_uint8_input_calibrated_on_a_narrower_range_is_rescaled() -> None:
+    """A 0..1 model whose input range was calibrated as 0..0.9: pixel 200 is q = 200/255/(0.9/255)."""
+    lut = value_lut(_spec(scale=0.9 / 255))
+    assert lut is not None
+    assert lut[200, 0].tolist() == [222, 222, 222]
+    assert lut[255, 0, 0] == 255  # saturates rather than wrapping
+
+
+def test_ssd_minus_one_to_one_on_the_zoo_models_quantization() -> None:
+    """(2/255)p - 1 quantized with 1/128, 128 (the zoo SSD): q = round(1.0039 p), capped at 255."""
+    lut = value_lut(
+        _spec(
+            scale=1 / 128,
+            zero_point=128,
+            normalization=Normalization(mean=(127.5,) * 3, std=(127.5,) * 3),
+        )
+    )
+    assert lut is not None
+    assert [int(lut[p, 0, 0]) for p in (0, 100, 127, 200, 254, 255)] == [0, 100, 127, 201, 255, 255]
 
 
 def test_int8_input_uses_the_models_zero_point() -> None:
     spec = _spec(dtype="int8", scale=1 / 255, zero_point=-128)
-    tensor, _ = InputTransform(spec)(np.array([[[0, 128, 255]]], np.uint8).repeat(64, 0).repeat(64, 1))
+    tensor, _ = InputTransform(spec)(
+        np.array([[[0, 128, 255]]], np.uint8).repeat(64, 0).repeat(64, 1)
+    )
     assert tensor.dtype == np.int8
     assert tensor[0, 0, 0].tolist() == [127, 0, -128]  # RGB order: 255, 128, 0
 
 
 def test_float_input_normalisation_and_nchw() -> None:
-    spec = _spec(dtype="float32", scale=None, zero_point=None, layout="NCHW", resize="stretch",
-                 normalization=Normalization(mean=(127.5,) * 3, std=(127.5,) * 3))
+    spec = _spec(
+        dtype="float32",
+        scale=None,
+        zero_point=None,
+        layout="NCHW",
+        resize="stretch",
+        normalization=Normalization(mean=(127.5,) * 3, std=(127.5,) * 3),
+    )
     frame = np.zeros((64, 64, 3), np.uint8)
     frame[..., 2] = 255  # red in BGR
     tensor, _ = InputTransform(spec)(frame)

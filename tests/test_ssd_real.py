@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from yuv import pad_i420
 
 from device.bundle.manifest import DecoderSpec, SsdParams, TensorSpec
 from device.detect.decoders import Output
@@ -17,7 +18,6 @@ from device.detect.model import read_model_facts
 from device.detect.nms import box_iou, nms
 from device.detect.preprocess import Yuv420Frame
 from device.detect.runtime import RUNTIMES, open_interpreter, resolve_runtime
-from yuv import pad_i420
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,11 @@ def test_yuv420_lores_frame_gives_the_same_dogs(ssd: Detector, coco_samples: Pat
     bgr_dogs = [d for d in ssd.detect(image) if d.label == "dog"]
     yuv_dogs = [d for d in ssd.detect(Yuv420Frame(buf, w, h)) if d.label == "dog"]
     assert len(yuv_dogs) == len(bgr_dogs) == 2
-    for a, b in zip(sorted(bgr_dogs, key=lambda d: d.box[0]), sorted(yuv_dogs, key=lambda d: d.box[0]), strict=True):
+    for a, b in zip(
+        sorted(bgr_dogs, key=lambda d: d.box[0]),
+        sorted(yuv_dogs, key=lambda d: d.box[0]),
+        strict=True,
+    ):
         assert box_iou(np.array(a.box), np.array([b.box]))[0] > 0.9
         assert abs(a.score - b.score) < 0.1
 
@@ -96,16 +100,27 @@ def test_raw_ssd_decoder_agrees_with_the_models_own_postprocess(
     np.save(tmp_path / "anchors.npy", read("anchors").real())  # the model's own 1917 anchors
     spec = DecoderSpec(
         kind="ssd_raw",
-        outputs={"boxes": TensorSpec(name="Squeeze", shape=[1, 1917, 4], dtype="uint8"),
-                 "scores": TensorSpec(name="convert_scores", shape=[1, 1917, 91], dtype="uint8")},
+        outputs={
+            "boxes": TensorSpec(name="Squeeze", shape=[1, 1917, 4], dtype="uint8"),
+            "scores": TensorSpec(name="convert_scores", shape=[1, 1917, 91], dtype="uint8"),
+        },
         ssd=SsdParams(score_activation="none", background_class=True),  # LOGISTIC ran in-graph
     )
     decoder = SsdRawDecoder(spec, (300, 300), 90, lambda name: tmp_path / name)
     raw = {"boxes": read("Squeeze"), "scores": read("convert_scores")}
-    cand = decoder.decode({k: Output(v.name, v.data[0], v.scale, v.zero_point) for k, v in raw.items()}, 0.5)
+    cand = decoder.decode(
+        {k: Output(v.name, v.data[0], v.scale, v.zero_point) for k, v in raw.items()}, 0.5
+    )
     keep = nms(cand.boxes, cand.scores, cand.class_ids, 0.6, 10)
-    ours = sorted(zip(cand.scores[keep].tolist(), cand.class_ids[keep].tolist(),
-                      geo.to_source(cand.boxes[keep]).tolist(), strict=True), reverse=True)
+    ours = sorted(
+        zip(
+            cand.scores[keep].tolist(),
+            cand.class_ids[keep].tolist(),
+            geo.to_source(cand.boxes[keep]).tolist(),
+            strict=True,
+        ),
+        reverse=True,
+    )
     theirs = [d for d in ssd.detect(image) if d.score >= 0.5]
     assert len(ours) == len(theirs) == 2
     for (score, cls, box), det in zip(ours, theirs, strict=True):
@@ -123,7 +138,10 @@ def test_each_installed_runtime_finds_the_dogs(
 ) -> None:
     det = Detector.open(ssd_model, ssd_labels, runtime=runtime, num_threads=1)
     assert det.runtime == runtime
-    assert [d.label for d in det.detect(cv2.imread(str(coco_samples / "pets.jpg")))][:2] == ["dog", "dog"]
+    assert [d.label for d in det.detect(cv2.imread(str(coco_samples / "pets.jpg")))][:2] == [
+        "dog",
+        "dog",
+    ]
 
 
 def test_auto_prefers_litert_when_both_are_installed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def pad_i420(i420: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
     """An I420 image laid out as picamera2 returns it: every plane's rows padded to ``stride``."""
     buf = np.full((h * 3 // 2, stride), 99, np.uint8)

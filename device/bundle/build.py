@@ -44,7 +44,9 @@ def parse_role_overrides(specs: Sequence[str], names: Sequence[str]) -> dict[str
     for spec in specs:
         role, sep, value = spec.partition("=")
         if not sep or not role.strip() or not value.strip():
-            raise LabelsError(f"--role {spec!r}: expected ROLE=NAME[,NAME...], e.g. package=suitcase")
+            raise LabelsError(
+                f"--role {spec!r}: expected ROLE=NAME[,NAME...], e.g. package=suitcase"
+            )
         ids = []
         for item in value.split(","):
             item = item.strip()
@@ -71,8 +73,10 @@ def parse_normalization(text: str) -> Normalization:
     if len(values) == 2:
         return Normalization(mean=(values[0],) * 3, std=(values[1],) * 3)
     if len(values) == 6:
-        return Normalization(mean=tuple(values[:3]), std=tuple(values[3:]))  # type: ignore[arg-type]
-    raise ModelError(f"--normalization {text!r}: expected yolo, ssd, MEAN,STD or three means and three stds")
+        return Normalization(mean=tuple(values[:3]), std=tuple(values[3:]))
+    raise ModelError(
+        f"--normalization {text!r}: expected yolo, ssd, MEAN,STD or three means and three stds"
+    )
 
 
 def describe_model(
@@ -129,7 +133,7 @@ def describe_model(
         thresholds=thresholds or Thresholds(),
         tools={"runtime": facts.runtime, "doorstep": __version__},
         ops=facts.ops,
-        **(extra or {}),  # type: ignore[arg-type]
+        **(extra or {}),
     )
     return manifest, files
 
@@ -137,21 +141,25 @@ def describe_model(
 def bare_model_bundle(model: str | Path, labels: str | Path | None, **options: object) -> Bundle:
     """An in-memory, unverified bundle for a bare ``.tflite`` (``detect --model x.tflite``)."""
     model = Path(model)
-    manifest, files = describe_model(model, labels, **options)  # type: ignore[arg-type]
+    manifest, _ = describe_model(model, labels, **options)  # type: ignore[arg-type]
     paths = {"model.tflite": model}
     anchors = options.get("anchors")
     if anchors is not None:
         paths["anchors.npy"] = Path(str(anchors))
-    entries = {name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for name, p in paths.items()}
+    entries = {
+        name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for name, p in paths.items()
+    }
     manifest = manifest.model_copy(update={"files": entries})
     return Bundle(manifest=manifest, paths=paths, source=model, verified=False)
 
 
 def _load_anchors(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr: np.ndarray = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: cannot read anchors (.npy of N x 4 yc, xc, h, w): {exc}") from None
+        raise BundleError(
+            f"{path}: cannot read anchors (.npy of N x 4 yc, xc, h, w): {exc}"
+        ) from None
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise BundleError(f"{path}: anchors must have shape [N, 4], got {list(arr.shape)}")
     return arr.astype(np.float32)

@@ -53,8 +53,8 @@ class InputSpec(_Strict):
     resize: Literal["letterbox", "stretch"]
     pad_value: Annotated[int, Field(ge=0, le=255)] = 114
     normalization: Normalization = Field(
-        description="pixel to real value; for quantized inputs the default is the mapping the "
-        "model's own scale and zero point imply, so pixels are fed unchanged"
+        description="pixel to the real value the model was trained on; quantized inputs then "
+        "apply the model's own scale and zero point to that real value"
     )
 
 
@@ -92,7 +92,9 @@ class Labels(_Strict):
         for role, ids in self.roles.items():
             bad = [i for i in ids if not 0 <= i < len(self.names)]
             if bad:
-                raise ValueError(f"role {role!r} names class ids {bad} outside 0..{len(self.names) - 1}")
+                raise ValueError(
+                    f"role {role!r} names class ids {bad} outside 0..{len(self.names) - 1}"
+                )
         return self
 
 

@@ -72,7 +72,9 @@ def write_bundle(
         raise BundleError(f"bundle for {out} lacks its model file {manifest.model_file}")
     for name in files:
         if name != Path(name).name or name in (MANIFEST, "manifest.sig"):
-            raise BundleError(f"bundle file name {name!r} must be a plain file name, not {MANIFEST}")
+            raise BundleError(
+                f"bundle file name {name!r} must be a plain file name, not {MANIFEST}"
+            )
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists: choose another --out or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,9 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if src.is_file() and tarfile.is_tarfile(src):
         return _load_tar(src, verify)
     if not src.is_dir():
-        raise BundleError(f"{src}: not a bundle directory or .tar" + ("" if src.exists() else " (not found)"))
+        raise BundleError(
+            f"{src}: not a bundle directory or .tar" + ("" if src.exists() else " (not found)")
+        )
     manifest = read_manifest(src / MANIFEST)
     if manifest.model_file not in manifest.files:
         raise BundleError(f"{src / MANIFEST}: files does not list the model {manifest.model_file}")
@@ -186,7 +190,9 @@ def _load_tar(src: Path, verify: bool) -> Bundle:
             members = tar.getmembers()
             for m in members:
                 if not m.isfile() or m.name != Path(m.name).name:
-                    raise BundleError(f"{src}: unexpected entry {m.name!r}: a bundle tar holds plain files only")
+                    raise BundleError(
+                        f"{src}: unexpected entry {m.name!r}: a bundle tar holds plain files only"
+                    )
             tar.extractall(dest, filter="data")
     except tarfile.TarError as exc:
         shutil.rmtree(dest, ignore_errors=True)

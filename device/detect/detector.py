@@ -51,14 +51,14 @@ class StageTimes:
         return self.preprocess + self.invoke + self.decode
 
 
-def load_model(
-    path: str | Path, labels: str | Path | None = None, **options: Any
-) -> Bundle:
+def load_model(path: str | Path, labels: str | Path | None = None, **options: Any) -> Bundle:
     """A bundle directory/.tar (verified), or a bare ``.tflite`` described on the fly."""
     path = Path(path)
     if path.is_dir() or (path.is_file() and path.suffix == ".tar"):
         if labels is not None:
-            raise LabelsError(f"{path} is a bundle: its labels are in its {MANIFEST}; drop --labels")
+            raise LabelsError(
+                f"{path} is a bundle: its labels are in its {MANIFEST}; drop --labels"
+            )
         return load_bundle(path)
     if not path.exists():
         raise ModelError(f"{path}: not found (expected a bundle directory, a .tar or a .tflite)")
@@ -85,7 +85,9 @@ class Detector:
         self.runtime_version = runtime_version(self.runtime)
         self.score_threshold = m.thresholds.score if score_threshold is None else score_threshold
         self.iou_threshold = m.thresholds.iou if iou_threshold is None else iou_threshold
-        self.max_detections = m.thresholds.max_detections if max_detections is None else max_detections
+        self.max_detections = (
+            m.thresholds.max_detections if max_detections is None else max_detections
+        )
         self._input_index = self._check_input()
         self._outputs = self._map_outputs()
         self.transform = InputTransform(m.input)
@@ -111,12 +113,20 @@ class Detector:
         spec = self.manifest.input
         where = f"{self.bundle.source}"
         if len(details) != 1:
-            raise ModelError(f"{where}: model has {len(details)} inputs; doorstep runs single-image models")
+            raise ModelError(
+                f"{where}: model has {len(details)} inputs; doorstep runs single-image models"
+            )
         t = tensor_facts(details[0])
-        expected = (1, spec.height, spec.width, 3) if spec.layout == "NHWC" else (1, 3, spec.height, spec.width)
+        expected = (
+            (1, spec.height, spec.width, 3)
+            if spec.layout == "NHWC"
+            else (1, 3, spec.height, spec.width)
+        )
         problems = []
         if t.shape != expected:
-            problems.append(f"shape {list(t.shape)} but the manifest says {list(expected)} ({spec.layout})")
+            problems.append(
+                f"shape {list(t.shape)} but the manifest says {list(expected)} ({spec.layout})"
+            )
         if t.dtype != spec.dtype:
             problems.append(f"dtype {t.dtype} but the manifest says {spec.dtype}")
         if spec.dtype != "float32" and (t.scale, t.zero_point) != (spec.scale, spec.zero_point):
@@ -124,7 +134,9 @@ class Detector:
                 f"quantization ({t.scale}, {t.zero_point}) but the manifest says ({spec.scale}, {spec.zero_point})"
             )
         if problems:
-            raise ModelError(f"{where}: input {t.name}: " + "; ".join(problems) + ": manifest and model disagree")
+            raise ModelError(
+                f"{where}: input {t.name}: " + "; ".join(problems) + ": manifest and model disagree"
+            )
         return t.index
 
     def _map_outputs(self) -> dict[str, tuple[int, str, float | None, int]]:
@@ -155,7 +167,11 @@ class Detector:
     def set_input(self, tensor: np.ndarray) -> None:
         """Feed a ready input tensor, refusing a wrong shape or dtype with a clear message."""
         spec = self.manifest.input
-        expected = (1, spec.height, spec.width, 3) if spec.layout == "NHWC" else (1, 3, spec.height, spec.width)
+        expected = (
+            (1, spec.height, spec.width, 3)
+            if spec.layout == "NHWC"
+            else (1, 3, spec.height, spec.width)
+        )
         if tensor.shape != expected or tensor.dtype != np.dtype(spec.dtype):
             raise DetectorError(
                 f"input tensor {list(tensor.shape)} {tensor.dtype} does not match the model's "
@@ -178,19 +194,25 @@ class Detector:
         """Threshold, NMS, map boxes back to source pixels."""
         cand: Candidates = self.decoder.decode(outputs, self.score_threshold)
         if len(cand) and self.decoder.needs_nms:
-            cand = cand.take(nms(cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections))
+            cand = cand.take(
+                nms(
+                    cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections
+                )
+            )
         elif len(cand) > self.max_detections:
             cand = cand.take(np.argsort(-cand.scores, kind="stable")[: self.max_detections])
         boxes = geo.to_source(cand.boxes)
         names = self.labels
         out = []
-        for box, score, cid in zip(boxes.tolist(), cand.scores.tolist(), cand.class_ids.tolist(), strict=True):
+        for box, score, cid in zip(
+            boxes.tolist(), cand.scores.tolist(), cand.class_ids.tolist(), strict=True
+        ):
             if not 0 <= cid < len(names):
                 raise LabelsError(
                     f"model predicted class id {cid} but the labels name only {len(names)} classes "
                     f"(0..{len(names) - 1}): wrong label file for {self.bundle.source}"
                 )
-            out.append(Detection(names[cid], cid, float(score), tuple(box)))  # type: ignore[arg-type]
+            out.append(Detection(names[cid], cid, float(score), tuple(box)))
         return out
 
     def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-
 _MAX_TENSOR_TYPE = 32  # the TensorType enum's range, with room for additions
 
 
@@ -34,7 +33,9 @@ class _Reader:
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos < 0 or pos + n > self.size:
-            raise FlatbufferError(f"{what} at byte {pos} runs past the end of the file ({self.size} bytes)")
+            raise FlatbufferError(
+                f"{what} at byte {pos} runs past the end of the file ({self.size} bytes)"
+            )
 
     def u8(self, pos: int) -> int:
         self._need(pos, 1, "field")
@@ -114,14 +115,18 @@ def check_flatbuffer(data: bytes) -> None:
         if offset_pos and size_pos:  # weights stored after the flatbuffer (models over 2 GB)
             offset, size = r.u64(offset_pos), r.u64(size_pos)
             if offset > 1 and offset + size > r.size:
-                raise FlatbufferError(f"buffers[{i}] ({size} bytes at {offset}) runs past the end of the file")
+                raise FlatbufferError(
+                    f"buffers[{i}] ({size} bytes at {offset}) runs past the end of the file"
+                )
     subgraphs = r.tables(model, 2, "subgraphs")
     if not subgraphs:
         raise FlatbufferError("model has no subgraph")
     for s, graph in enumerate(subgraphs):
         tensors = r.tables(graph, 0, f"subgraphs[{s}].tensors")
         for i, tensor in enumerate(tensors):
-            dims = r.ints(tensor, 0, f"tensor {i} shape") + r.ints(tensor, 7, f"tensor {i} shape_signature")
+            dims = r.ints(tensor, 0, f"tensor {i} shape") + r.ints(
+                tensor, 7, f"tensor {i} shape_signature"
+            )
             if any(d < -1 or d > 1 << 24 for d in dims):
                 raise FlatbufferError(f"tensor {i} has an impossible shape {dims}")
             type_pos = r.field(tensor, 1)
@@ -135,7 +140,9 @@ def check_flatbuffer(data: bytes) -> None:
                     r.vector(quant, idx, elem, f"tensor {i} quantization")
             buf_pos = r.field(tensor, 2)
             if buf_pos and r.u32(buf_pos) >= max(len(buffers), 1):
-                raise FlatbufferError(f"tensor {i} refers to buffer {r.u32(buf_pos)} of {len(buffers)}")
+                raise FlatbufferError(
+                    f"tensor {i} refers to buffer {r.u32(buf_pos)} of {len(buffers)}"
+                )
         limit = len(tensors)
         for what, idx in (("inputs", 1), ("outputs", 2)):
             for ti in r.ints(graph, idx, f"subgraphs[{s}].{what}"):

@@ -39,11 +39,15 @@ def input_geometry(facts: ModelFacts) -> tuple[TensorFacts, str, int, int]:
     """The image input tensor, its layout (NHWC/NCHW), height and width."""
     if len(facts.inputs) != 1:
         names = ", ".join(t.name for t in facts.inputs)
-        raise ModelError(f"{facts.path}: expected one image input, found {len(facts.inputs)} ({names})")
+        raise ModelError(
+            f"{facts.path}: expected one image input, found {len(facts.inputs)} ({names})"
+        )
     t = facts.inputs[0]
     shape = t.shape
     if len(shape) != 4 or shape[0] != 1:
-        raise ModelError(f"{facts.path}: image input {t.name} has shape {list(shape)}; expected [1,H,W,3] or [1,3,H,W]")
+        raise ModelError(
+            f"{facts.path}: image input {t.name} has shape {list(shape)}; expected [1,H,W,3] or [1,3,H,W]"
+        )
     if shape[3] == 3:
         return t, "NHWC", shape[1], shape[2]
     if shape[1] == 3:
@@ -76,7 +80,9 @@ def detect_layout(
         mapped = {}
         for role, name in facts.postprocess.output_names.items():
             if name not in by_name:
-                raise ModelError(f"{facts.path}: post-process output {name} ({role}) is not a model output")
+                raise ModelError(
+                    f"{facts.path}: post-process output {name} ({role}) is not a model output"
+                )
             mapped[role] = _spec(by_name[name])
         spec = DecoderSpec(
             kind="tflite_postprocess",
@@ -84,7 +90,9 @@ def detect_layout(
             detected_as="TFLite_Detection_PostProcess op; outputs mapped from the op's own order "
             "(boxes, classes, scores, count)",
         )
-        _check_classes(facts, num_labels, facts.postprocess.num_classes, "the post-process op's class input")
+        _check_classes(
+            facts, num_labels, facts.postprocess.num_classes, "the post-process op's class input"
+        )
         return spec
 
     if decoder in ("auto", "ssd_raw") and len(outs) == 2:
@@ -92,7 +100,11 @@ def detect_layout(
         if spec:
             return spec
 
-    if len(outs) == 1 and len(outs[0].shape) == 3 and decoder in ("auto", "yolo_v8", "yolo_v5", "yolo_e2e"):
+    if (
+        len(outs) == 1
+        and len(outs[0].shape) == 3
+        and decoder in ("auto", "yolo_v8", "yolo_v5", "yolo_e2e")
+    ):
         spec = _yolo(facts, outs[0], height, width, num_labels, decoder)
         if spec:
             return spec
@@ -105,7 +117,9 @@ def detect_layout(
     )
 
 
-def _check_classes(facts: ModelFacts, num_labels: int | None, model_classes: int | None, where: str) -> None:
+def _check_classes(
+    facts: ModelFacts, num_labels: int | None, model_classes: int | None, where: str
+) -> None:
     if num_labels is None or model_classes is None or num_labels == model_classes:
         return
     raise LabelsError(
@@ -137,7 +151,9 @@ def _ssd_raw(
     n, columns = boxes.shape[1], scores.shape[2]
     if anchors_count is None:
         if forced:
-            raise ModelError(f"{facts.path}: raw SSD outputs need anchors: pass --anchors FILE.npy ({n} rows of yc, xc, h, w)")
+            raise ModelError(
+                f"{facts.path}: raw SSD outputs need anchors: pass --anchors FILE.npy ({n} rows of yc, xc, h, w)"
+            )
         raise ModelError(
             f"{facts.path}: outputs {boxes.name} {list(boxes.shape)} and {scores.name} "
             f"{list(scores.shape)} look like a raw SSD head; pass --anchors FILE.npy ({n} rows)"
@@ -177,11 +193,20 @@ def _yolo(
     kind: str | None = None
     why = ""
     if decoder in ("auto", "yolo_v8") and cols == cells and rows >= 5:
-        kind, why = "yolo_v8", f"[1, 4+nc, N] with N={cols} = anchor points of a {height}x{width} stride 8/16/32 head"
+        kind, why = (
+            "yolo_v8",
+            f"[1, 4+nc, N] with N={cols} = anchor points of a {height}x{width} stride 8/16/32 head",
+        )
     elif decoder in ("auto", "yolo_v5") and rows == 3 * cells and cols >= 6:
-        kind, why = "yolo_v5", f"[1, N, 5+nc] with N={rows} = 3 anchors x the cells of a {height}x{width} head"
+        kind, why = (
+            "yolo_v5",
+            f"[1, N, 5+nc] with N={rows} = 3 anchors x the cells of a {height}x{width} head",
+        )
     elif decoder in ("auto", "yolo_e2e") and cols == 6:
-        kind, why = "yolo_e2e", f"[1, N, 6] (x1, y1, x2, y2, score, class) with NMS inside, N={rows}"
+        kind, why = (
+            "yolo_e2e",
+            f"[1, N, 6] (x1, y1, x2, y2, score, class) with NMS inside, N={rows}",
+        )
     elif decoder == "yolo_v8" and rows >= 5:
         kind, why = "yolo_v8", "[1, 4+nc, N] as requested"
     elif decoder == "yolo_v5" and cols >= 6:
@@ -196,7 +221,7 @@ def _yolo(
     model_classes = {"yolo_v8": rows - 4, "yolo_v5": cols - 5}.get(kind)
     _check_classes(facts, num_labels, model_classes, f"output {out.name} {list(out.shape)}")
     role = "detections" if kind == "yolo_e2e" else "predictions"
-    return DecoderSpec(kind=kind, outputs={role: _spec(out)}, detected_as=f"YOLO output {why}")  # type: ignore[arg-type]
+    return DecoderSpec(kind=kind, outputs={role: _spec(out)}, detected_as=f"YOLO output {why}")
 
 
 def default_input_spec(
@@ -211,27 +236,22 @@ def default_input_spec(
     tensor, layout, height, width = input_geometry(facts)
     family = family_of(kind)
     if tensor.dtype not in ("uint8", "int8", "float32"):
-        raise ModelError(f"{facts.path}: input dtype {tensor.dtype} is not supported (uint8, int8, float32)")
-    if normalization is None:
-        if tensor.quantized:
-            # The mapping the model's own quantization implies: pixels are fed unchanged
-            # (uint8) or shifted by 128 (int8).
-            assert tensor.scale is not None and tensor.zero_point is not None
-            shift = 128 if tensor.dtype == "int8" else 0
-            mean = float(tensor.zero_point + shift)
-            std = 1.0 / tensor.scale
-            normalization = Normalization(mean=(mean,) * 3, std=(std,) * 3)
-        else:
-            normalization = FAMILY_NORMALIZATION[family]
+        raise ModelError(
+            f"{facts.path}: input dtype {tensor.dtype} is not supported (uint8, int8, float32)"
+        )
+    # How the model was trained to see pixels. For quantized inputs the frame goes through this
+    # and then the model's own scale and zero point, so a model whose input range was
+    # calibrated on real images (rarely exactly 0..255) is still fed what it expects.
+    normalization = normalization or FAMILY_NORMALIZATION[family]
     return InputSpec(
         name=tensor.name,
         height=height,
         width=width,
-        layout=layout,  # type: ignore[arg-type]
-        channel_order=channel_order,  # type: ignore[arg-type]
-        dtype=tensor.dtype,  # type: ignore[arg-type]
+        layout=layout,
+        channel_order=channel_order,
+        dtype=tensor.dtype,
         scale=tensor.scale,
         zero_point=tensor.zero_point,
-        resize=resize or FAMILY_RESIZE[family],  # type: ignore[arg-type]
+        resize=resize or FAMILY_RESIZE[family],
         normalization=normalization,
     )

@@ -90,15 +90,19 @@ def value_lut(spec: InputSpec) -> np.ndarray | None:
     if spec.dtype == "float32":
         return None
     if spec.scale is None or spec.zero_point is None:
-        raise DetectorError(f"input {spec.name} is {spec.dtype} but the manifest has no scale/zero_point")
+        raise DetectorError(
+            f"input {spec.name} is {spec.dtype} but the manifest has no scale/zero_point"
+        )
     lo, hi = _QRANGE[spec.dtype]
     pixels = np.arange(256, dtype=np.float64)[:, None]
     mean = np.asarray(spec.normalization.mean, dtype=np.float64)[None, :]
     std = np.asarray(spec.normalization.std, dtype=np.float64)[None, :]
-    q = np.clip(np.round((pixels - mean) / std / spec.scale + spec.zero_point), lo, hi).astype(np.int64)
+    q = np.clip(np.round((pixels - mean) / std / spec.scale + spec.zero_point), lo, hi).astype(
+        np.int64
+    )
     if spec.dtype == "uint8" and np.array_equal(q, np.repeat(np.arange(256)[:, None], 3, axis=1)):
         return None
-    table = q.astype(np.int8 if spec.dtype == "int8" else np.uint8).view(np.uint8)
+    table: np.ndarray = q.astype(np.int8 if spec.dtype == "int8" else np.uint8).view(np.uint8)
     return table.reshape(256, 1, 3)
 
 
@@ -135,7 +139,11 @@ class InputTransform:
         geo = self.geometry(src_w, src_h)
         w, h = self.size
         if self.spec.resize == "stretch":
-            canvas = image if (src_w, src_h) == (w, h) else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            canvas = (
+                image
+                if (src_w, src_h) == (w, h)
+                else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            )
         else:
             nw, nh = round(src_w * geo.scale_x), round(src_h * geo.scale_y)
             px, py = int(geo.pad_x), int(geo.pad_y)
@@ -144,7 +152,9 @@ class InputTransform:
                 canvas.fill(self.spec.pad_value)
                 self._canvas_geo = geo
             canvas[py : py + nh, px : px + nw] = (
-                image if (nw, nh) == (src_w, src_h) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+                image
+                if (nw, nh) == (src_w, src_h)
+                else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
             )
         if self._swap:
             canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)

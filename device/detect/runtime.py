@@ -63,8 +63,7 @@ def check_tflite_file(path: Path) -> None:
         raise ModelError(f"{path}: file is {len(head)} bytes long: not a TFLite model (truncated?)")
     if head[4:8] != TFLITE_MAGIC:
         raise ModelError(
-            f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4; "
-            f"starts with {head[:8]!r})"
+            f"{path}: not a TFLite model (no 'TFL3' identifier at byte 4; starts with {head[:8]!r})"
         )
     try:
         check_flatbuffer(data)

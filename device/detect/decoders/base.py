@@ -45,7 +45,9 @@ class Candidates:
 
     @staticmethod
     def empty() -> Candidates:
-        return Candidates(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return Candidates(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        )
 
     def take(self, idx: np.ndarray) -> Candidates:
         return Candidates(self.boxes[idx], self.scores[idx], self.class_ids[idx])
@@ -64,7 +66,9 @@ def require_finite(values: np.ndarray, output: Output) -> None:
 
 def cxcywh_to_xyxy(b: np.ndarray) -> np.ndarray:
     half_w, half_h = b[:, 2] / 2, b[:, 3] / 2
-    return np.stack([b[:, 0] - half_w, b[:, 1] - half_h, b[:, 0] + half_w, b[:, 1] + half_h], axis=1)
+    return np.stack(
+        [b[:, 0] - half_w, b[:, 1] - half_h, b[:, 0] + half_w, b[:, 1] + half_h], axis=1
+    )
 
 
 class Decoder(ABC):

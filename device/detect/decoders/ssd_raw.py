@@ -79,7 +79,9 @@ class SsdRawDecoder(Decoder):
         enc = enc_out.real(enc_out.data.reshape(-1, 4)[keep])
         require_finite(enc, enc_out)
         boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
-        return Candidates((boxes * self._scale).astype(np.float32), best_score[keep], best[keep].astype(np.int64))
+        return Candidates(
+            (boxes * self._scale).astype(np.float32), best_score[keep], best[keep].astype(np.int64)
+        )
 
     def peak_score(self, outputs: Mapping[str, Output]) -> float:
         _, best_score = self._class_scores(outputs["scores"])

@@ -93,7 +93,9 @@ class YoloE2EDecoder(Decoder):
         require_finite(rows, det)
         keep = rows[:, 4] >= score_threshold
         rows = rows[keep]
-        return Candidates(self.to_pixels(rows[:, :4]), rows[:, 4], np.rint(rows[:, 5]).astype(np.int64))
+        return Candidates(
+            self.to_pixels(rows[:, :4]), rows[:, 4], np.rint(rows[:, 5]).astype(np.int64)
+        )
 
     def peak_score(self, outputs: Mapping[str, Output]) -> float:
         det = outputs["detections"]
