@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,6 @@ def bench(
             det.detect(next(source))
             t = det.last_times
             times[i] = (t.preprocess, t.invoke, t.decode)
-            time.sleep(0)  # let a capture thread run, as in the daemon
         stages = {
             "preprocess": times[:, 0],
             "invoke": times[:, 1],

@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from device import __version__
+from device.cliutil import formatter, run
 from device.errors import DoorstepError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -57,7 +54,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorstep-device",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Run a quantized parcel detector on a doorbell.",
         epilog="examples:\n"
         "  doorstep-device inspect model-bundle/\n"
@@ -70,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="show a model's inputs, outputs, quantization, ops and manifest",
         description="Show what a model or bundle holds: input and output tensors with "
         "dtypes and quantization, op counts, the detected output layout, the manifest.",
@@ -88,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "detect",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="detect objects in images",
         description="Run the detector on images (or folders of images), print the "
         "detections and optionally write annotated copies.",
@@ -111,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="time preprocess, invoke and decode",
         description="Benchmark one model: p50/p95 milliseconds of each stage and frames "
         "per second, at 1 thread and at all cores. A table, not a pass/fail.",
@@ -133,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "check-config",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="validate a device.yaml",
         description="Validate a device configuration and print it with defaults filled in.",
         epilog="example:\n  doorstep-device check-config configs/device.yaml",
@@ -311,14 +308,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except DoorstepError as exc:
-        print(f"doorstep-device: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from device import __version__
-from device.errors import DoorstepError
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+from device.cliutil import formatter, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorstep-host",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Prepare detectors for doorstep doorbells: wrap, quantize, evaluate, deploy.",
         epilog="examples:\n"
         "  doorstep-host bundle detect.tflite --labels labels.txt --out ssd-bundle/\n"
@@ -28,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bundle",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="wrap an existing .tflite detector into a verified model bundle",
         description="Wrap a third-party .tflite detector into a bundle: detect its output layout "
         "(TFLite_Detection_PostProcess, YOLO v5/v8/11 and end-to-end, raw SSD), read its input "
@@ -83,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         help="build the self-made demo detector and image and run them end to end",
         description="Generate a small hand-built detector (it finds red boxes) and a synthetic "
         "porch image, bundle the model, inspect it and detect on the image. Everything is made "
@@ -111,14 +107,7 @@ COMMANDS = {"bundle": cmd_bundle, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except DoorstepError as exc:
-        print(f"doorstep-host: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_label_count_not_matching_the_model(tmp_path: Path, ssd_model: Path) -> 
     labels = tmp_path / "three.txt"
     labels.write_text("package\nperson\ndog\n")
     with pytest.raises(
-        LabelsError, match=r"labels list 3 classes but detect.tflite has 90 \(from the post-process"
+        LabelsError,
+        match=r"labels list 3 classes but detect.tflite read as tflite_postprocess has 90 \(from the post",
     ):
         Detector.open(ssd_model, labels)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import modelgen
@@ -57,7 +60,9 @@ def test_quantized_outputs_have_their_own_parameters(testmodels: Path) -> None:
 def test_wrong_label_count_is_refused(testmodels: Path, tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("parcel\nperson\n")
-    with pytest.raises(LabelsError, match=r"labels list 2 classes but yolo_v8_float.tflite has 4"):
+    with pytest.raises(
+        LabelsError, match=r"labels list 2 classes but yolo_v8_float.tflite read as yolo_v8 has 4"
+    ):
         Detector.open(testmodels / "yolo_v8_float.tflite", labels)
 
 
@@ -84,3 +89,86 @@ def test_nan_outputs_are_reported(testmodels: Path) -> None:
 def test_healthy_model_passes_self_test(testmodels: Path) -> None:
     det = _open(testmodels, GOOD[1])
     assert det.self_test([_frame()]) == pytest.approx(0.9, abs=0.02)
+
+
+def _host_bundle(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", "bundle", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_host_bundle_float_yolo_with_normalisation_option(testmodels: Path, tmp_path: Path) -> None:
+    out = tmp_path / "yolo"
+    proc = _host_bundle(
+        str(testmodels / "yolo_v8_float.tflite"),
+        "--labels",
+        str(testmodels / "labels.txt"),
+        "--out",
+        str(out),
+        "--normalization",
+        "0,255",
+        "--resize",
+        "letterbox",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "detected layout: yolo_v8" in proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["normalization"] == {"mean": [0.0] * 3, "std": [255.0] * 3}
+    assert manifest["input"]["dtype"] == "float32"
+    assert manifest["labels"]["roles"] == {"package": [0], "person": [1]}
+    found = Detector.open(out).detect(_frame())
+    assert sorted(d.class_id for d in found) == [1, 2]
+
+
+def test_host_bundle_ssd_family_default_is_minus_one_to_one(
+    testmodels: Path, tmp_path: Path
+) -> None:
+    proc = _host_bundle(
+        str(testmodels / "ssd_raw_float.tflite"),
+        "--labels",
+        str(testmodels / "labels.txt"),
+        "--anchors",
+        str(testmodels / "anchors.npy"),
+        "--out",
+        str(tmp_path / "ssd"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "ssd" / "manifest.json").read_text())
+    assert manifest["input"]["normalization"]["mean"] == [127.5] * 3
+    assert manifest["input"]["resize"] == "stretch"
+    assert set(manifest["files"]) == {"model.tflite", "anchors.npy"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--decoder", "yolo_v5"],
+            "read as yolo_v5 has 79 (from output PartitionedCall:0 [1, 8, 84])",
+        ),
+        (
+            ["--decoder", "ssd_raw"],
+            "cannot map its outputs (PartitionedCall:0 [1, 8, 84]) to ssd_raw",
+        ),
+        (["--normalization", "zero"], "expected yolo, ssd, MEAN,STD"),
+        (["--role", "package=box"], "no class named 'box' in the labels"),
+        (["--threshold", "3"], "--threshold/--iou"),
+    ],
+)
+def test_host_bundle_bad_options(
+    testmodels: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = _host_bundle(
+        str(testmodels / "yolo_v8_float.tflite"),
+        "--labels",
+        str(testmodels / "labels.txt"),
+        "--out",
+        str(tmp_path / "b"),
+        *args,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "b").exists()

@@ -7,6 +7,7 @@ the manifest lists and refuses any mismatch, saying which file and how it differ
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -185,6 +186,7 @@ def _verify_file(file: Path, entry: FileEntry) -> None:
 
 def _load_tar(src: Path, verify: bool) -> Bundle:
     dest = Path(tempfile.mkdtemp(prefix="doorstep-bundle-"))
+    atexit.register(shutil.rmtree, dest, True)  # the model is read from here while in use
     try:
         with tarfile.open(src) as tar:
             members = tar.getmembers()

@@ -91,7 +91,11 @@ def detect_layout(
             "(boxes, classes, scores, count)",
         )
         _check_classes(
-            facts, num_labels, facts.postprocess.num_classes, "the post-process op's class input"
+            facts,
+            num_labels,
+            facts.postprocess.num_classes,
+            "the post-process op's class input",
+            "tflite_postprocess",
         )
         return spec
 
@@ -118,13 +122,14 @@ def detect_layout(
 
 
 def _check_classes(
-    facts: ModelFacts, num_labels: int | None, model_classes: int | None, where: str
+    facts: ModelFacts, num_labels: int | None, model_classes: int | None, where: str, kind: str
 ) -> None:
     if num_labels is None or model_classes is None or num_labels == model_classes:
         return
     raise LabelsError(
-        f"labels list {num_labels} classes but {facts.path.name} has {model_classes} "
-        f"(from {where}); use the label file that came with the model"
+        f"labels list {num_labels} classes but {facts.path.name} read as {kind} has "
+        f"{model_classes} (from {where}); use the label file that came with the model, "
+        "or check --decoder"
     )
 
 
@@ -219,7 +224,7 @@ def _yolo(
     if kind is None:
         return None
     model_classes = {"yolo_v8": rows - 4, "yolo_v5": cols - 5}.get(kind)
-    _check_classes(facts, num_labels, model_classes, f"output {out.name} {list(out.shape)}")
+    _check_classes(facts, num_labels, model_classes, f"output {out.name} {list(out.shape)}", kind)
     role = "detections" if kind == "yolo_e2e" else "predictions"
     return DecoderSpec(kind=kind, outputs={role: _spec(out)}, detected_as=f"YOLO output {why}")
 
