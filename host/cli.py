@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from device import __version__
 from device.cliutil import formatter, run
 
+DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -17,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare detectors for doorstep doorbells: wrap, quantize, evaluate, deploy.",
         epilog="examples:\n"
         "  doorstep-host bundle detect.tflite --labels labels.txt --out ssd-bundle/\n"
+        "  doorstep-host quantize detector.keras --labels labels.txt --calib photos/ --out int8/\n"
+        "  doorstep-host evaluate int8/ --data labeled/\n"
+        "  doorstep-host bench float.tflite int8/\n"
         "  doorstep-host demo --out demo/",
     )
     parser.add_argument("--version", action="version", version=f"doorstep {__version__}")
@@ -78,6 +83,132 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing DIR")
 
     p = sub.add_parser(
+        "quantize",
+        formatter_class=formatter,
+        help="quantize a float detector to a full-integer int8 bundle, with checks and a quality gate",
+        description="Quantize a Keras (.keras, .h5) or SavedModel detector to full-integer int8 TFLite "
+        "(int8 weights per channel and activations, uint8 input) calibrated on real images run "
+        "through the device's own preprocessing. Checks calibration stability, ops left in float "
+        "and collapsed scores; with --eval, measures float vs int8 AP and fails when the drop "
+        "exceeds --max-drop (--fix keeps the most sensitive layers in float). Writes a bundle; a "
+        "failure leaves none.",
+        epilog="examples:\n"
+        "  doorstep-host quantize detector.keras --labels labels.txt --calib photos/ --out parcel-int8/\n"
+        "  doorstep-host quantize saved_model/ --labels labels.txt --anchors anchors.npy \\\n"
+        "      --calib day/ night/ --eval labeled/ --max-drop 1.0 --fix --out parcel-int8/",
+    )
+    p.add_argument("model", metavar="MODEL", help="Keras .keras/.h5 file or SavedModel folder")
+    p.add_argument(
+        "--calib", nargs="+", required=True, metavar="DIR", help="folders of calibration images"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    p.add_argument(
+        "--labels", metavar="FILE", help="class names, one per line (required: models carry none)"
+    )
+    p.add_argument("--anchors", metavar="FILE.npy", help="anchors [N, 4] for a raw SSD head")
+    p.add_argument(
+        "--decoder", default="auto", choices=DECODER_CHOICES, help="output layout (default: detect)"
+    )
+    p.add_argument(
+        "--input-type",
+        default="uint8",
+        choices=("uint8", "int8"),
+        help="model input type (default uint8)",
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=300,
+        metavar="N",
+        help="calibration images used (default 300)",
+    )
+    p.add_argument(
+        "--normalization", metavar="N", help="yolo, ssd, MEAN,STD (default: by detected family)"
+    )
+    p.add_argument(
+        "--resize",
+        choices=("letterbox", "stretch"),
+        help="default: letterbox (YOLO), stretch (SSD)",
+    )
+    p.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    p.add_argument(
+        "--role", action="append", default=[], metavar="ROLE=NAMES", help="e.g. package=parcel"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.5, metavar="T", help="recommended score threshold"
+    )
+    p.add_argument("--iou", type=float, default=0.45, metavar="T", help="NMS IoU threshold")
+    p.add_argument(
+        "--eval", metavar="DIR", help="labeled set (YOLO, COCO json, VOC) for the quality gate"
+    )
+    p.add_argument(
+        "--label-map",
+        action="append",
+        default=[],
+        metavar="M=D",
+        help="score model label M as dataset class D (repeatable)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="largest allowed AP@0.5 drop, in points (default 1.0)",
+    )
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="on a failed gate, keep the most sensitive layers in float",
+    )
+    p.add_argument("--name", help="bundle name (default: the model file's stem)")
+    p.add_argument("--version", dest="model_version", default="0.0.0", help="bundle version")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser(
+        "evaluate",
+        formatter_class=formatter,
+        help="COCO-style AP, precision, recall and F1 of models on a labeled set",
+        description="Evaluate models (bundles, or .tflite with --labels) on a labeled set (YOLO txt, "
+        "COCO json or Pascal VOC xml) through the device's own detector. Prints AP@0.5, "
+        "AP@[.5:.95] (pycocotools) and precision/recall/F1 at each bundle's operating threshold, "
+        "per class and overall, models side by side.",
+        epilog="examples:\n"
+        "  doorstep-host evaluate float-bundle/ int8-bundle/ --data ../shared/data/packages-v6/test\n"
+        "  doorstep-host evaluate detect.tflite --labels coco.txt --data porch/ \\\n"
+        "      --label-map suitcase=package --json eval.json --plot pr.png",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_BUNDLE")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="YOLO folder, VOC folder or COCO .json"
+    )
+    p.add_argument("--labels", metavar="FILE", help="label file for bare .tflite models")
+    p.add_argument(
+        "--label-map",
+        action="append",
+        default=[],
+        metavar="M=D",
+        help="score model label M as dataset class D, e.g. suitcase=package (repeatable)",
+    )
+    p.add_argument(
+        "--threshold", type=float, metavar="T", help="operating threshold (default: the bundle's)"
+    )
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write precision-recall curves")
+
+    p = sub.add_parser(
+        "bench",
+        formatter_class=formatter,
+        help="size and invoke latency of models side by side",
+        description="Size on disk and invoke latency (p50/p95) at 1 thread and all cores; speed-up "
+        "relative to the first model. A table, not a pass/fail.",
+        epilog="example:\n  doorstep-host bench float.tflite int8-bundle/ --json bench.json",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_BUNDLE")
+    p.add_argument("--iterations", type=int, default=50, metavar="N")
+    p.add_argument("--threads", metavar="N[,N]", help="thread counts (default: 1 and all cores)")
+    p.add_argument("--json", metavar="FILE", help="also write JSON")
+
+    p = sub.add_parser(
         "demo",
         formatter_class=formatter,
         help="build the self-made demo detector and image and run them end to end",
@@ -103,7 +234,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
-COMMANDS = {"bundle": cmd_bundle, "demo": cmd_demo}
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from host.quantize import quantize
+
+    quantize(args)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from device.detect.detector import Detector
+    from host.datasets import load_dataset
+    from host.evaluate import (
+        evaluate_detector,
+        format_table,
+        parse_label_map,
+        plot_curves,
+        write_json,
+    )
+
+    dataset = load_dataset(args.data)
+    label_map = parse_label_map(args.label_map)
+    print(
+        f"{dataset.format} set {dataset.root}: {len(dataset.samples)} images, classes {dataset.names}",
+        file=sys.stderr,
+    )
+    scores = [
+        evaluate_detector(
+            Detector.open(m, args.labels if m.endswith(".tflite") else None),
+            dataset,
+            label_map,
+            args.threshold,
+            name=m,
+        )
+        for m in args.models
+    ]
+    print(format_table(scores))
+    if args.json:
+        write_json(scores, args.json)
+    if args.plot:
+        print(f"precision-recall curves: {plot_curves(scores, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from host.bench import format_table, time_invoke, write_json
+
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
+    rows = []
+    for m in args.models:
+        print(f"timing {m}", file=sys.stderr)
+        rows.append(time_invoke(m, threads, args.iterations))
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    return 0
+
+
+COMMANDS = {
+    "bundle": cmd_bundle,
+    "quantize": cmd_quantize,
+    "evaluate": cmd_evaluate,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

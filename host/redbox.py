@@ -12,7 +12,9 @@ on a fresh machine with nothing downloaded. Its weights are set, not trained:
 
 Output: ``[1, 1, 6]`` = x1, y1, x2, y2 (0..1), score, class 0, the end-to-end YOLO layout.
 Every op has an int8 kernel. Run as ``python -m host.redbox OUT.tflite`` (TensorFlow is
-loaded in that child process only: it must not share a process with tflite-runtime).
+loaded in that child process only: it must not share a process with tflite-runtime), or
+``python -m host.redbox OUT.keras [--fragile]`` for the float Keras model; the fragile variant
+carries an outlier activation that wrecks naive int8 quantization (the quality gate's test).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 SIZE = 160
 THRESHOLD, GAIN = 0.25, 2.5  # redness -> mask: clip((redness - THRESHOLD) * GAIN, 0, 1)
+OUTLIER = 450.0  # the fragile variant's constant channel
 
 
 def synthetic_scene(
@@ -74,12 +77,18 @@ def synthetic_scene(
     return img, [x1, y1, x1 + bw, y1 + bh]
 
 
-def build_keras_model() -> Any:
+def build_keras_model(fragile: bool = False) -> Any:
     import tensorflow as tf
 
     k = tf.keras
     inp = k.Input((SIZE, SIZE, 3), name="image")
-    redness = k.layers.Conv2D(1, 1, name="redness")(inp)
+    if fragile:
+        # A second, constant channel of OUTLIER beside the redness: one int8 scale must now span
+        # 0..OUTLIER, so moderately red pixels round to zero. The float model is unchanged.
+        both = k.layers.Conv2D(2, 1, name="redness")(inp)
+        redness = k.layers.Conv2D(1, 1, name="select")(both)
+    else:
+        redness = k.layers.Conv2D(1, 1, name="redness")(inp)
     mask = k.layers.ReLU(max_value=1.0, name="mask")(redness)
 
     def edges(profile: Any, name: str) -> tuple[Any, Any]:
@@ -103,12 +112,18 @@ def build_keras_model() -> Any:
     )
     model = k.Model(inp, out, name="redbox")
 
-    model.get_layer("redness").set_weights(
-        [
-            np.array([1.0, -0.5, -0.5], np.float32).reshape(1, 1, 3, 1) * GAIN,
-            np.array([-THRESHOLD * GAIN], np.float32),
-        ]
-    )
+    kernel = np.array([1.0, -0.5, -0.5], np.float32).reshape(1, 1, 3, 1) * GAIN
+    bias = np.array([-THRESHOLD * GAIN], np.float32)
+    if fragile:
+        zeros = np.zeros_like(kernel)
+        model.get_layer("redness").set_weights(
+            [np.concatenate([kernel, zeros], axis=3), np.array([bias[0], OUTLIER], np.float32)]
+        )
+        model.get_layer("select").set_weights(
+            [np.array([1.0, 0.0], np.float32).reshape(1, 1, 2, 1), np.zeros(1, np.float32)]
+        )
+    else:
+        model.get_layer("redness").set_weights([kernel, bias])
     upper = np.triu(np.ones((SIZE, SIZE), np.float32))  # running[j] = sum of profile[i <= j]
     for axis in ("x", "y"):
         model.get_layer(f"{axis}_running").set_weights([upper])
@@ -144,7 +159,11 @@ def convert_int8(model: Any, calibration: list[np.ndarray]) -> bytes:
 
 
 def main(argv: list[str]) -> int:
+    """``OUT.tflite``: the int8 demo model; ``OUT.keras [--fragile]``: the float Keras model."""
     out = Path(argv[0])
+    if out.suffix == ".keras":
+        build_keras_model(fragile="--fragile" in argv).save(out)
+        return 0
     rng = np.random.default_rng(2026)
     calibration = [synthetic_scene(rng, red=bool(i % 4))[0] for i in range(120)]
     # Black and white frames pin the input's quantization range to the full 0..255.

@@ -1,0 +1,217 @@
+"""TensorFlow work, run in a child process.
+
+TensorFlow and tflite-runtime each carry their own copy of TFLite; loaded into one process they
+clash (the runtime then fails to load models). So conversion, quantization and the quantization
+debugger run here, in ``python -m host.tfjobs``, while evaluation runs the device's own detector
+in the parent. The parent sends one JSON request on stdin; the child streams progress on stderr
+and writes its JSON answer to the file the request names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.errors import DoorstepError
+
+
+class TFJobError(DoorstepError):
+    """The TensorFlow child process failed; the message carries its last words."""
+
+
+def run_job(job: str, **payload: Any) -> dict[str, Any]:
+    """Run ``job`` in a child process; progress goes to our stderr; return its JSON answer."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="doorstep-tfjob-") as tmp:
+        answer_path = Path(tmp) / "answer.json"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "host.tfjobs"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # TensorFlow chats on stdout; the answer comes in a file
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stdin and proc.stderr
+        proc.stdin.write(json.dumps({"job": job, "answer": str(answer_path), **payload}))
+        proc.stdin.close()
+        tail: list[str] = []
+        for line in proc.stderr:  # pass our progress lines through, keep the end for errors
+            if line.startswith("doorstep: "):
+                print(line[len("doorstep: ") :], end="", file=sys.stderr, flush=True)
+            tail = [*tail[-39:], line]
+        code = proc.wait()
+        answer: dict[str, Any] = json.loads(answer_path.read_text()) if answer_path.exists() else {}
+    if code != 0 or "error" in answer:
+        reason = answer.get("error") or "".join(tail[-15:]).strip() or f"exit code {code}"
+        raise TFJobError(f"TensorFlow {job} failed: {reason}")
+    return answer
+
+
+# ---------------------------------------------------------------- the child side
+
+
+def _say(text: str) -> None:
+    print(f"doorstep: {text}", file=sys.stderr, flush=True)
+
+
+def _load_model(path: str) -> Any:
+    import tensorflow as tf
+
+    p = Path(path)
+    if p.is_dir():
+        return ("saved_model", str(p))
+    try:
+        return ("keras", tf.keras.models.load_model(str(p), compile=False))
+    except Exception as exc:
+        raise ValueError(f"{p}: cannot load as a Keras model: {exc}") from None
+
+
+def _converter(model: Any) -> Any:
+    import tensorflow as tf
+
+    kind, obj = model
+    if kind == "saved_model":
+        return tf.lite.TFLiteConverter.from_saved_model(obj)
+    return tf.lite.TFLiteConverter.from_keras_model(obj)
+
+
+def _representative(
+    files: list[str], spec: dict[str, Any], label: str
+) -> Callable[[], Iterator[list[np.ndarray]]]:
+    """Calibration frames through exactly the device's preprocessing for this model."""
+    import cv2
+
+    from device.bundle.manifest import InputSpec
+    from device.detect.preprocess import InputTransform
+
+    transform = InputTransform(InputSpec.model_validate(spec))
+
+    def gen() -> Iterator[list[np.ndarray]]:
+        step = max(1, len(files) // 4)
+        for i, f in enumerate(files):
+            image = cv2.imread(f)
+            if image is None:
+                continue
+            tensor, _ = transform(image)
+            if i % step == 0 or i == len(files) - 1:
+                _say(f"  {label}: calibrating {i + 1}/{len(files)}")
+            yield [tensor.astype(np.float32)]
+
+    return gen
+
+
+def _int8_converter(
+    model: Any, files: list[str], spec: dict[str, Any], input_type: str, label: str
+) -> Any:
+    import tensorflow as tf
+
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _representative(files, spec, label)
+    # int8 kernels first; an op without one falls back to float and is reported by the parent.
+    conv.target_spec.supported_ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+        tf.lite.OpsSet.TFLITE_BUILTINS,
+    ]
+    conv.inference_input_type = {"uint8": tf.uint8, "int8": tf.int8}[input_type]
+    conv.inference_output_type = tf.float32  # decoders read real values; the last op dequantizes
+    conv.allow_custom_ops = True  # TFLite_Detection_PostProcess; other custom ops are refused later
+    return conv
+
+
+def job_float(req: dict[str, Any]) -> dict[str, Any]:
+    """Keras / SavedModel -> float32 TFLite."""
+    conv = _converter(_load_model(req["model"]))
+    conv.allow_custom_ops = True
+    Path(req["out"]).write_bytes(conv.convert())
+    return {}
+
+
+def job_quantize(req: dict[str, Any]) -> dict[str, Any]:
+    """Full-integer quantization, once per calibration subset in ``req["runs"]``."""
+    model = _load_model(req["model"])
+    for run in req["runs"]:
+        conv = _int8_converter(
+            model, run["files"], req["input_spec"], req["input_type"], run["label"]
+        )
+        if req.get("denylist"):
+            import tensorflow as tf
+
+            options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_nodes=req["denylist"], fully_quantize=True
+            )
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=conv, debug_dataset=conv.representative_dataset, debug_options=options
+            )
+            data = debugger.get_nondebug_quantized_model()
+        else:
+            data = conv.convert()
+        Path(run["out"]).write_bytes(data)
+    return {}
+
+
+def job_sensitivity(req: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer quantization error (TensorFlow's QuantizationDebugger), worst first."""
+    import csv
+    import io
+
+    import tensorflow as tf
+
+    model = _load_model(req["model"])
+    files = req["files"]
+    conv = _int8_converter(model, files, req["input_spec"], req["input_type"], "debugger")
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=conv,
+        debug_dataset=_representative(
+            files[: req.get("debug_images", 20)], req["input_spec"], "debug run"
+        ),
+    )
+    debugger.run()
+    buf = io.StringIO()
+    debugger.layer_statistics_dump(buf)
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    layers = []
+    for row in rows:
+        scale = float(row.get("scale") or 0) or 1.0
+        rmse = float(row.get("mean_squared_error") or 0) ** 0.5
+        layers.append(
+            {"tensor": row["tensor_name"], "op": row["op_name"], "rmse_over_scale": rmse / scale}
+        )
+    layers.sort(key=lambda r: -r["rmse_over_scale"])
+    return {"layers": layers}
+
+
+JOBS = {"float": job_float, "quantize": job_quantize, "sensitivity": job_sensitivity}
+
+
+def main() -> int:
+    req = json.loads(sys.stdin.read())
+    start = time.perf_counter()
+    import tensorflow as tf
+
+    answer_path = Path(req["answer"])
+    try:
+        answer = JOBS[req["job"]](req)
+    except Exception as exc:  # report the reason to the parent as data, not a traceback
+        first = str(exc).strip().splitlines()
+        answer_path.write_text(
+            json.dumps({"error": f"{type(exc).__name__}: {' '.join(first[:6])[:1500]}"})
+        )
+        return 1
+    answer.update(tensorflow=tf.__version__, seconds=round(time.perf_counter() - start, 1))
+    answer_path.write_text(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
