@@ -199,10 +199,12 @@ def score(
                 per_class_gt[k],
             )
         )
+        curve = np.clip(precision[0, :, k, 0, -1], 0, 1)
+        reached = int(np.flatnonzero(curve > 0).max()) + 1 if (curve > 0).any() else 0
         curves[name] = (
-            recall_thresholds.tolist(),
-            np.clip(precision[0, :, k, 0, -1], 0, 1).tolist(),
-        )
+            recall_thresholds[:reached].tolist(),
+            curve[:reached].tolist(),
+        )  # to max recall
     p, r, f1 = prf(tp.sum(), fp.sum(), sum(per_class_gt))
     overall = ClassScore("all", float(ev.stats[1]), float(ev.stats[0]), p, r, f1, sum(per_class_gt))
     return ModelScore(model, threshold, overall, classes, len(gt.getImgIds()), curves)
