@@ -88,14 +88,16 @@ def _yolo(root: Path, names: list[str] | None) -> Dataset:
     labels_dir = root / "labels" if (root / "labels").is_dir() else images_dir
     if not labels_dir.is_dir():
         raise DatasetError(f"{root}: no labels folder (YOLO), Annotations (VOC) or .json (COCO)")
+    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DatasetError(
+            f"{root}: no images, and no Annotations (VOC) or .json file (COCO) either"
+        )
     names = names or _yolo_names(root)
     if names is None:
         raise DatasetError(
-            f"{root}: YOLO set without data.yaml or classes.txt: pass --dataset-names FILE"
+            f"{root}: YOLO set without data.yaml or classes.txt: add a classes.txt, one class name per line"
         )
-    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DatasetError(f"{images_dir}: no images")
     samples = []
     for img in images:
         rel = img.relative_to(images_dir).with_suffix(".txt")

@@ -28,6 +28,7 @@ from device.bundle.build import describe_model, parse_normalization
 from device.bundle.manifest import Manifest, Thresholds
 from device.bundle.store import Bundle, write_bundle
 from device.detect.detector import Detector
+from device.detect.flatbuffer import custom_op_names
 from device.detect.model import read_model_facts
 from device.detect.runtime import open_interpreter, runtime_version
 from device.errors import DoorstepError
@@ -36,6 +37,7 @@ from host.tfjobs import run_job
 
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
 NO_INT8_OK = {"QUANTIZE", "DEQUANTIZE", "TFLite_Detection_PostProcess"}
+ALLOWED_CUSTOM_OPS = {"TFLite_Detection_PostProcess"}
 
 
 class QuantizeError(DoorstepError):
@@ -193,6 +195,14 @@ def quantize(args: argparse.Namespace) -> Bundle | None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise QuantizeError(f"{out} already exists: choose another --out or pass --force")
+    if args.eval:  # refuse a bad evaluation set before minutes of work, not after
+        from device.labels import read_labels
+        from host.datasets import load_dataset
+        from host.evaluate import class_mapping, parse_label_map
+
+        class_mapping(
+            read_labels(args.labels), load_dataset(args.eval), parse_label_map(args.label_map)
+        )
 
     say(f"[1/6] calibration images from {', '.join(args.calib)}")
     calib = gather(args.calib, args.max_images)
@@ -216,6 +226,12 @@ def _quantize_in(
     float_path = work / "float.tflite"
     answer = run_job("float", model=str(model), out=str(float_path))
     tf_version = answer["tensorflow"]
+    unknown = [n for n in custom_op_names(float_path.read_bytes()) if n not in ALLOWED_CUSTOM_OPS]
+    if unknown:
+        raise QuantizeError(
+            f"{model}: uses TensorFlow ops that TFLite cannot run: {', '.join(sorted(set(unknown)))}; "
+            "replace them with TFLite builtin ops (or move them out of the model) before quantizing"
+        )
     fl = _describe(float_path, args, args.decoder)
     say(f"  layout: {fl.manifest.decoder.kind} ({fl.manifest.decoder.detected_as})")
     frames = [img for img in (cv2.imread(str(p)) for p in calib.files[:16]) if img is not None]

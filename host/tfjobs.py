@@ -33,23 +33,23 @@ def run_job(job: str, **payload: Any) -> dict[str, Any]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="doorstep-tfjob-") as tmp:
         answer_path = Path(tmp) / "answer.json"
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             [sys.executable, "-m", "host.tfjobs"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,  # TensorFlow chats on stdout; the answer comes in a file
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )
-        assert proc.stdin and proc.stderr
-        proc.stdin.write(json.dumps({"job": job, "answer": str(answer_path), **payload}))
-        proc.stdin.close()
-        tail: list[str] = []
-        for line in proc.stderr:  # pass our progress lines through, keep the end for errors
-            if line.startswith("doorstep: "):
-                print(line[len("doorstep: ") :], end="", file=sys.stderr, flush=True)
-            tail = [*tail[-39:], line]
-        code = proc.wait()
+        ) as proc:
+            assert proc.stdin and proc.stderr
+            proc.stdin.write(json.dumps({"job": job, "answer": str(answer_path), **payload}))
+            proc.stdin.close()
+            tail: list[str] = []
+            for line in proc.stderr:  # pass our progress lines through, keep the end for errors
+                if line.startswith("doorstep: "):
+                    print(line[len("doorstep: ") :], end="", file=sys.stderr, flush=True)
+                tail = [*tail[-39:], line]
+            code = proc.wait()
         answer: dict[str, Any] = json.loads(answer_path.read_text()) if answer_path.exists() else {}
     if code != 0 or "error" in answer:
         reason = answer.get("error") or "".join(tail[-15:]).strip() or f"exit code {code}"
@@ -82,7 +82,12 @@ def _converter(model: Any) -> Any:
     kind, obj = model
     if kind == "saved_model":
         return tf.lite.TFLiteConverter.from_saved_model(obj)
-    return tf.lite.TFLiteConverter.from_keras_model(obj)
+    # Trace with a fixed batch of 1: static shapes (no SHAPE/PACK ops for a dynamic batch), and
+    # from_keras_model fails on multi-output Keras 3 models. Without a trackable object the
+    # converter freezes the weights (with one it keeps READ_VARIABLE ops that fail to run).
+    shape = [1, *obj.inputs[0].shape[1:]]
+    fn = tf.function(lambda x: obj(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
 
 
 def _representative(
@@ -191,7 +196,21 @@ def job_sensitivity(req: dict[str, Any]) -> dict[str, Any]:
     return {"layers": layers}
 
 
-JOBS = {"float": job_float, "quantize": job_quantize, "sensitivity": job_sensitivity}
+def job_build_ssd(req: dict[str, Any]) -> dict[str, Any]:
+    """An extracted SSD graph (host/ssd_import.py) -> a float Keras model file."""
+    from host.ssd_import import build_keras
+
+    model = build_keras(req["graph"], req.get("num_classes"))
+    model.save(req["out"])
+    return {"parameters": int(model.count_params())}
+
+
+JOBS = {
+    "float": job_float,
+    "quantize": job_quantize,
+    "sensitivity": job_sensitivity,
+    "build_ssd": job_build_ssd,
+}
 
 
 def main() -> int:

@@ -161,3 +161,15 @@ def check_flatbuffer(data: bytes) -> None:
             options_pos = r.field(op, 4)
             if options_pos:
                 r.table(r.ref(options_pos), f"operator {o} options")
+
+
+def custom_op_names(data: bytes) -> list[str]:
+    """Names of the custom ops a (structurally sound) model uses, e.g. ``TFLite_Detection_PostProcess``."""
+    r = _Reader(data)
+    model = r.table(r.ref(0), "model")
+    names = []
+    for code in r.tables(model, 1, "operator_codes"):
+        start, length = r.vector(code, 1, 1, "custom_code")  # field 1: custom_code string
+        if length:
+            names.append(data[start : start + length].decode("utf-8", "replace"))
+    return names
