@@ -32,9 +32,8 @@ def _real(t: dict[str, Any], data: np.ndarray) -> np.ndarray:
     shape = [1] * data.ndim
     if scales.size > 1:
         shape[axis] = scales.size
-    return ((data.astype(np.float64) - zeros.reshape(shape)) * scales.reshape(shape)).astype(
-        np.float32
-    )
+    real: np.ndarray = (data.astype(np.float64) - zeros.reshape(shape)) * scales.reshape(shape)
+    return real.astype(np.float32)
 
 
 def extract_ssd(model: str | Path, out_dir: str | Path) -> Path:
@@ -63,7 +62,9 @@ def extract_ssd(model: str | Path, out_dir: str | Path) -> Path:
             # SAME padding: out = ceil(in / stride); find that stride (75 -> 38 is stride 2)
             stride = next((s for s in (1, 2, 3, 4) if -(-size_in // s) == size_out), 0)
             if not stride:
-                raise ModelError(f"{model}: cannot infer the stride of {out_t['name']} ({size_in} -> {size_out})")
+                raise ModelError(
+                    f"{model}: cannot infer the stride of {out_t['name']} ({size_in} -> {size_out})"
+                )
             linear = "RESHAPE" in consumers.get(outs[0], []) or str(out_t["name"]).endswith(
                 "BiasAdd"
             )

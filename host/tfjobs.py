@@ -1,4 +1,4 @@
-"""TensorFlow work, run in a child process.
+"""TensorFlow (and ai-edge-quantizer) work, run in a child process.
 
 TensorFlow and tflite-runtime each carry their own copy of TFLite; loaded into one process they
 clash (the runtime then fails to load models). So conversion, quantization and the quantization
@@ -82,12 +82,15 @@ def _converter(model: Any) -> Any:
     kind, obj = model
     if kind == "saved_model":
         return tf.lite.TFLiteConverter.from_saved_model(obj)
-    # Trace with a fixed batch of 1: static shapes (no SHAPE/PACK ops for a dynamic batch), and
-    # from_keras_model fails on multi-output Keras 3 models. Without a trackable object the
-    # converter freezes the weights (with one it keeps READ_VARIABLE ops that fail to run).
+    # Export with a fixed batch of 1 (static shapes: no SHAPE/PACK ops for a dynamic batch) to a
+    # SavedModel, which freezes the weights and gives the model a serving_default signature
+    # (from_keras_model fails on multi-output Keras 3 models; other tools need the signature).
     shape = [1, *obj.inputs[0].shape[1:]]
-    fn = tf.function(lambda x: obj(x, training=False), input_signature=[tf.TensorSpec(shape, tf.float32)])
-    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+    export = tempfile.mkdtemp(prefix="doorstep-export-")
+    obj.export(
+        export, input_signature=[tf.TensorSpec(shape, tf.float32, name="image")], verbose=False
+    )
+    return tf.lite.TFLiteConverter.from_saved_model(export)
 
 
 def _representative(
@@ -205,29 +208,65 @@ def job_build_ssd(req: dict[str, Any]) -> dict[str, Any]:
     return {"parameters": int(model.count_params())}
 
 
+def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
+    """A float .tflite -> full-integer int8 with Google's ai-edge-quantizer (no TensorFlow).
+
+    Its ``static_wi8_ai8`` recipe quantizes weights and activations to int8, the input and
+    outputs included (symmetric int8 input).
+    """
+    from importlib import metadata
+
+    import ai_edge_quantizer as aq
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=req["model"])
+    signatures = interp.get_signature_list()
+    if len(signatures) != 1:
+        raise ValueError(
+            f"{req['model']}: ai-edge-quantizer needs exactly one signature, the model has {len(signatures)}; "
+            "re-export it from its SavedModel or Keras source"
+        )
+    key = next(iter(signatures))
+    input_name = signatures[key]["inputs"][0]
+    for run in req["runs"]:
+        quantizer = aq.Quantizer(req["model"])
+        quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
+        frames = _representative(run["files"], req["input_spec"], run["label"])
+        result = quantizer.calibrate({key: [{input_name: t[0]} for t in frames()]})
+        Path(run["out"]).write_bytes(
+            quantizer.quantize(result, enable_progress_report=False).quantized_model
+        )
+    return {
+        "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')} (static_wi8_ai8)"
+    }
+
+
 JOBS = {
     "float": job_float,
     "quantize": job_quantize,
     "sensitivity": job_sensitivity,
     "build_ssd": job_build_ssd,
+    "aq_quantize": job_aq_quantize,
 }
 
 
 def main() -> int:
     req = json.loads(sys.stdin.read())
     start = time.perf_counter()
-    import tensorflow as tf
-
     answer_path = Path(req["answer"])
     try:
         answer = JOBS[req["job"]](req)
+        if "tensorflow" in sys.modules:
+            import tensorflow as tf
+
+            answer.setdefault("converter", f"tensorflow {tf.__version__} TFLiteConverter")
     except Exception as exc:  # report the reason to the parent as data, not a traceback
         first = str(exc).strip().splitlines()
         answer_path.write_text(
             json.dumps({"error": f"{type(exc).__name__}: {' '.join(first[:6])[:1500]}"})
         )
         return 1
-    answer.update(tensorflow=tf.__version__, seconds=round(time.perf_counter() - start, 1))
+    answer["seconds"] = round(time.perf_counter() - start, 1)
     answer_path.write_text(json.dumps(answer))
     return 0
 

@@ -252,21 +252,30 @@ def test_bad_input(work: Path, tmp_path: Path, args: list[str], message: str) ->
     assert not (tmp_path / "b").exists()
 
 
-def test_a_tflite_or_unknown_file_is_explained(work: Path, tmp_path: Path) -> None:
+def test_a_broken_or_already_quantized_tflite_is_explained(
+    work: Path, bundle: Path, tmp_path: Path
+) -> None:
     fake = tmp_path / "m.tflite"
     fake.write_bytes(b"x")
-    proc = host(
-        "quantize",
-        str(fake),
+    common = [
         "--labels",
         str(work / "labels.txt"),
         "--calib",
         str(work / "calib"),
         "--out",
         str(tmp_path / "b"),
-    )
+    ]
+    proc = host("quantize", str(fake), *common)
+    assert proc.returncode == 2 and "not a TFLite model" in proc.stderr
+    proc = host("quantize", str(bundle / "model.tflite"), *common)
     assert (
-        proc.returncode == 2 and "cannot be re-quantized by TensorFlow's converter" in proc.stderr
+        proc.returncode == 2
+        and "already quantized (input uint8); give its float model" in proc.stderr
+    )
+    proc = host("quantize", str(work / "labels.txt"), *common)
+    assert (
+        proc.returncode == 2
+        and "expected a Keras model (.keras, .h5) or a SavedModel folder" in proc.stderr
     )
 
 

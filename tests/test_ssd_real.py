@@ -18,6 +18,7 @@ from device.detect.model import read_model_facts
 from device.detect.nms import box_iou, nms
 from device.detect.preprocess import Yuv420Frame
 from device.detect.runtime import RUNTIMES, open_interpreter, resolve_runtime
+from device.errors import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,12 @@ def test_each_installed_runtime_finds_the_dogs(
     ]
 
 
-def test_auto_prefers_litert_when_both_are_installed() -> None:
-    assert resolve_runtime("auto") == INSTALLED[0]
+def test_auto_prefers_litert_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
     assert INSTALLED, "no TFLite runtime installed"
+    monkeypatch.delenv("DOORSTEP_RUNTIME", raising=False)
+    assert resolve_runtime("auto") == INSTALLED[0]
+    monkeypatch.setenv("DOORSTEP_RUNTIME", INSTALLED[-1])
+    assert resolve_runtime("auto") == INSTALLED[-1]
+    monkeypatch.setenv("DOORSTEP_RUNTIME", "tensorflow")
+    with pytest.raises(ModelError, match="DOORSTEP_RUNTIME='tensorflow': choose one of"):
+        resolve_runtime("auto")

@@ -28,9 +28,17 @@ def _interpreter_module(runtime: str) -> Any:
 
 
 def resolve_runtime(runtime: str = "auto") -> str:
-    """Return the runtime module name to use; raise ``ModelError`` if none is installed."""
+    """Return the runtime module name to use; raise ``ModelError`` if none is installed.
+
+    ``auto`` honours ``DOORSTEP_RUNTIME`` when set (to pin a runtime without editing configs).
+    """
     if runtime not in ("auto", *RUNTIMES):
         raise ModelError(f"unknown runtime {runtime!r}: choose auto, {', '.join(RUNTIMES)}")
+    pinned = os.environ.get("DOORSTEP_RUNTIME", "")
+    if runtime == "auto" and pinned:
+        if pinned not in RUNTIMES:
+            raise ModelError(f"DOORSTEP_RUNTIME={pinned!r}: choose one of {', '.join(RUNTIMES)}")
+        runtime = pinned
     candidates = RUNTIMES if runtime == "auto" else (runtime,)
     for name in candidates:
         try:
