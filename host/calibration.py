@@ -103,8 +103,6 @@ def gather(folders: Sequence[str | Path], max_images: int = 300, seed: int = 0) 
         warnings.append(
             f"skipped {len(unreadable)} unreadable or corrupt image(s), e.g. {unreadable[0]}"
         )
-    if non_images:
-        warnings.append(f"ignored {non_images} file(s) that are not JPEG, PNG or BMP images")
     lo, hi = RECOMMENDED
     if len(files) < lo:
         warnings.append(

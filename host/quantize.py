@@ -210,7 +210,14 @@ def quantize(args: argparse.Namespace) -> Bundle | None:
     calib = gather(args.calib, args.max_images)
     for w in calib.warnings:
         say(f"  warning: {w}")
-    say(f"  using {len(calib.files)} images")
+    say(
+        f"  using {len(calib.files)} images"
+        + (
+            f"; ignored {calib.non_images} non-image file(s) (labels, notes)"
+            if calib.non_images
+            else ""
+        )
+    )
 
     work = Path(tempfile.mkdtemp(prefix="doorstep-quantize-"))
     try:
@@ -290,7 +297,7 @@ def _quantize_in(
         "calibration": {
             **calib.facts(),
             "stability": drift,
-            "input_type": input_type,
+            "input_type": q.manifest.input.dtype,  # as built (the --fix debugger yields int8)
             "preprocessing": "device InputTransform (the manifest's input spec)",
         },
         "evaluation": evaluation,

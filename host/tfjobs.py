@@ -231,11 +231,19 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
     for run in req["runs"]:
         quantizer = aq.Quantizer(req["model"])
         quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
-        frames = _representative(run["files"], req["input_spec"], run["label"])
-        result = quantizer.calibrate({key: [{input_name: t[0]} for t in frames()]})
-        Path(run["out"]).write_bytes(
-            quantizer.quantize(result, enable_progress_report=False).quantized_model
-        )
+        # The quantizer merges calibration batches with a moving average (0.95), which all but
+        # ignores the rare frame with a high value: a detector's class logits are then clipped
+        # and every detection's score capped. Calibrate frame by frame and keep the true range.
+        ranges: dict[str, dict[str, Any]] = {}
+        for frame in _representative(run["files"], req["input_spec"], run["label"])():
+            for name, qsv in quantizer.calibrate({key: [{input_name: frame[0]}]}).items():
+                if name in ranges:
+                    ranges[name]["min"] = np.minimum(ranges[name]["min"], qsv["min"])
+                    ranges[name]["max"] = np.maximum(ranges[name]["max"], qsv["max"])
+                else:
+                    ranges[name] = dict(qsv)
+        result = quantizer.quantize(ranges, enable_progress_report=False)
+        Path(run["out"]).write_bytes(result.quantized_model)
     return {
         "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')} (static_wi8_ai8)"
     }

@@ -34,7 +34,6 @@ def test_recursive_with_skips_counted(tmp_path: Path) -> None:
     assert cs.per_folder == {str(tmp_path / "a"): 6, str(tmp_path / "b"): 5}
     text = " | ".join(cs.warnings)
     assert "skipped 1 unreadable or corrupt image(s)" in text
-    assert "ignored 1 file(s) that are not JPEG, PNG or BMP" in text
     assert "only 10 calibration images (100-500 recommended)" in text
     a, b = cs.halves()
     assert not set(a) & set(b) and len(a) + len(b) == 10

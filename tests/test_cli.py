@@ -255,6 +255,7 @@ def test_check_config_prints_the_validated_config() -> None:
     assert "valid" in proc.stderr
 
 
+@pytest.mark.host
 @pytest.mark.skipif(
     not HAS_TF, reason="the demo builds its model with TensorFlow (host side; main environment)"
 )

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("pycocotools", reason="evaluation is host-side (main environment)")
-
-from pycocotools.cocoeval import COCOeval
-
 from host.datasets import Dataset, Sample
 from host.evaluate import EvaluationError, _coco_objects, class_mapping, score
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(
+        importlib.util.find_spec("pycocotools") is None,
+        reason="evaluation is host-side: pycocotools is in the main environment",
+    ),
+]
 
 
 def _dataset(boxes: list[list[list[float]]], classes: list[list[int]], names: list[str]) -> Dataset:
@@ -75,6 +80,8 @@ def test_matches_pycocotools_summary_on_random_cases() -> None:
     ds = _dataset(boxes, classes, ["package", "person"])
     gt = _coco_objects(ds, [(200, 200)] * 12)
     ours = score(dets, gt, ds.names, 0.5, "m")
+    from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
         ev.evaluate()

@@ -23,9 +23,12 @@ from device.bundle.store import load_bundle
 from device.detect.detector import Detector
 from device.detect.nms import box_iou
 
-pytestmark = pytest.mark.skipif(
-    not HAS_TF, reason="quantization needs TensorFlow (host side; main environment)"
-)
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(
+        not HAS_TF, reason="quantization needs TensorFlow (host side; main environment)"
+    ),
+]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
@@ -170,6 +173,43 @@ def test_fix_keeps_only_the_culprit_layers_in_float(work: Path) -> None:
         "select" in t for t in fix["float_layers"]
     )
     assert fix["latency_ms_after"] > 0
+
+
+def test_savedmodel_with_int8_input(work: Path, tmp_path: Path) -> None:
+    """The SavedModel route, and --input-type int8: the device feeds pixel - 128 through its LUT."""
+    export = tmp_path / "sm"
+    code = (
+        "import sys, tensorflow as tf\n"
+        "m = tf.keras.models.load_model(sys.argv[1], compile=False)\n"
+        "m.export(sys.argv[2], input_signature=[tf.TensorSpec([1, 160, 160, 3], tf.float32)], verbose=False)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(work / "redbox.keras"), str(export)],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        timeout=300,
+    )
+    out = tmp_path / "b"
+    proc = host(
+        "quantize",
+        str(export),
+        "--labels",
+        str(work / "labels.txt"),
+        "--calib",
+        str(work / "calib"),
+        "--input-type",
+        "int8",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no --eval set: accuracy not measured" in proc.stderr
+    m = load_bundle(out).manifest
+    assert m.input.dtype == "int8" and m.evaluation is None
+    image = cv2.imread(str(sorted((work / "eval" / "images").glob("*.jpg"))[1]))
+    labels = sorted((work / "eval" / "labels").glob("*.txt"))[1].read_text().split()
+    assert Detector(load_bundle(out)).detect(image), labels  # the parcel drawn there is found
 
 
 def _saved_model(tmp: Path, body: str) -> Path:

@@ -15,9 +15,12 @@ from device.bundle.store import load_bundle
 from device.detect.detector import Detector
 from device.detect.nms import box_iou
 
-pytestmark = pytest.mark.skipif(
-    not HAS_TF, reason="rebuilding and quantizing need TensorFlow (main environment)"
-)
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(
+        not HAS_TF, reason="rebuilding and quantizing need TensorFlow (main environment)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
