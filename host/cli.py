@@ -165,6 +165,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser(
+        "train",
+        formatter_class=formatter,
+        help="fine-tune an SSD parcel detector on YOLO-labeled photos",
+        description="Fine-tune a pretrained TFLite SSD (its weights dequantized into Keras, a new class "
+        "head) on YOLO-labeled photos (Label Studio, CVAT, Roboflow exports). Validation photos are "
+        "held out by scene. Shows epoch, loss and validation AP; resumable; seeded. Writes a float "
+        "Keras model, its anchors and labels; quantize it with doorstep-host quantize.",
+        epilog="examples:\n"
+        "  doorstep-host train --data ../shared/data/packages-v6/train ../shared/data/porch-2211 \\\n"
+        "      --init ../shared/models/ssd_mobilenet_v1_coco_quant/detect.tflite --out parcel-model/\n"
+        "  doorstep-host train --data my-photos/ --init detect.tflite --out parcel-model/ --resume",
+    )
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="YOLO-labeled folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the model and checkpoints go")
+    p.add_argument(
+        "--init",
+        required=True,
+        metavar="PRETRAINED.tflite",
+        help="pretrained TF OD API SSD to start from",
+    )
+    p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs in all (default 30)")
+    p.add_argument(
+        "--head-epochs", type=int, default=5, metavar="N", help="first epochs train the heads only"
+    )
+    p.add_argument("--batch", type=int, default=8, metavar="N")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, metavar="LR", help="learning rate of the head phase"
+    )
+    p.add_argument(
+        "--input-size", type=int, default=300, metavar="S", help="input size (the SSD's: 300)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.2, metavar="F", help="photos held out, by scene"
+    )
+    p.add_argument(
+        "--val-data", nargs="+", metavar="DIR", help="validate on these sets instead of a split"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+    p = sub.add_parser(
         "evaluate",
         formatter_class=formatter,
         help="COCO-style AP, precision, recall and F1 of models on a labeled set",
@@ -241,6 +282,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from host.train import TrainError, train
+
+    if args.input_size != 300:
+        raise TrainError(
+            f"--input-size {args.input_size}: the SSD MobileNet starting point takes 300x300 inputs"
+        )
+    train(args)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from device.detect.detector import Detector
     from host.datasets import load_dataset
@@ -292,6 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "bundle": cmd_bundle,
+    "train": cmd_train,
     "quantize": cmd_quantize,
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,

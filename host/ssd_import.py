@@ -202,3 +202,33 @@ def _orig_classes(graph: dict[str, Any], w: Any) -> int:
 def _clean(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in name.split(";")[0])[-60:]
     return cleaned.lstrip("_-") or "layer"
+
+
+def ssd_anchors(
+    grids: tuple[int, ...] = (19, 10, 5, 3, 2, 1),
+    min_scale: float = 0.2,
+    max_scale: float = 0.95,
+    aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5, 3.0, 1.0 / 3.0),
+) -> np.ndarray:
+    """Float anchors ``[N, 4]`` (yc, xc, h, w) of the TF Object Detection API's SSD generator.
+
+    The zoo model stores its anchors as uint8 (a step of about 0.0065); these are the exact
+    values they quantize, for training and export. The lowest layer has three anchors per cell
+    (scale 0.1 at 1:1, and the first scale at 2:1 and 1:2); the others one per aspect ratio plus
+    one at the geometric mean of this scale and the next.
+    """
+    n = len(grids)
+    scales = [min_scale + (max_scale - min_scale) * i / (n - 1) for i in range(n)] + [1.0]
+    rows = []
+    for layer, cells in enumerate(grids):
+        if layer == 0:
+            kinds = [(0.1, 1.0), (scales[0], 2.0), (scales[0], 0.5)]
+        else:
+            kinds = [(scales[layer], r) for r in aspect_ratios]
+            kinds.append((float(np.sqrt(scales[layer] * scales[layer + 1])), 1.0))
+        for i in range(cells):
+            for j in range(cells):
+                for scale, ratio in kinds:
+                    root = float(np.sqrt(ratio))
+                    rows.append([(i + 0.5) / cells, (j + 0.5) / cells, scale / root, scale * root])
+    return np.array(rows, np.float32)

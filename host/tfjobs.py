@@ -249,12 +249,20 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def job_train(req: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune an SSD (host/train_tf.py)."""
+    from host.train_tf import run
+
+    return run(req)
+
+
 JOBS = {
     "float": job_float,
     "quantize": job_quantize,
     "sensitivity": job_sensitivity,
     "build_ssd": job_build_ssd,
     "aq_quantize": job_aq_quantize,
+    "train": job_train,
 }
 
 
