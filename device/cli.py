@@ -16,13 +16,13 @@ from device.errors import DoorstepError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         "-m",
-        required=required,
         metavar="MODEL_OR_BUNDLE",
-        help="a bundle directory or .tar, or a bare .tflite (then --labels)",
+        help="a bundle directory or .tar, or a bare .tflite (then --labels); "
+        "default: the parcel model shipped with doorstep",
     )
     p.add_argument(
         "--labels", metavar="FILE", help="label file for a bare .tflite (one name per line)"
@@ -44,7 +44,7 @@ def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"runtime": args.runtime}
-    if Path(args.model).suffix == ".tflite":
+    if args.model is not None and Path(args.model).suffix == ".tflite":
         kwargs["decoder"] = args.decoder
         if args.anchors:
             kwargs["anchors"] = args.anchors

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from device.errors import DoorstepError
 from host.datasets import Sample, load_dataset
 
@@ -38,7 +40,9 @@ def scene_key(path: Path) -> tuple[str, int]:
     ts = _TIMESTAMP.search(name)
     if ts:
         hh, mm, ss = int(ts.group(2)[:2]), int(ts.group(2)[2:4]), int(ts.group(2)[4:])
-        return ts.group(1), hh * 3600 + mm * 60 + ss  # folders aside: train/ and valid/ share bursts
+        return ts.group(
+            1
+        ), hh * 3600 + mm * 60 + ss  # folders aside: train/ and valid/ share bursts
     counter = _COUNTER.search(name)
     if counter:
         return f"{counter.group(1)}#", int(counter.group(2))
@@ -87,6 +91,42 @@ def split_by_scene(
             f"cannot split {len(samples)} photos in {len(groups)} scene(s) into training and validation"
         )
     return train, val, val_groups
+
+
+def export_yolo(samples: Sequence[Sample], names: Sequence[str], folder: Path) -> Path:
+    """Write ``samples`` as a YOLO set (images linked, labels written) for evaluate --data."""
+    import shutil
+
+    import cv2
+
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    for i, s in enumerate(samples):
+        name = f"{i:04d}_{s.image.name}"
+        (folder / "images" / name).symlink_to(s.image.resolve())
+        boxes = s.boxes
+        if not s.normalized:
+            h, w = cv2.imread(str(s.image)).shape[:2]
+            b = boxes / [w, h, w, h]
+            boxes = np.stack(
+                [
+                    (b[:, 0] + b[:, 2]) / 2,
+                    (b[:, 1] + b[:, 3]) / 2,
+                    b[:, 2] - b[:, 0],
+                    b[:, 3] - b[:, 1],
+                ],
+                1,
+            )
+        lines = [
+            f"{c} {' '.join(f'{v:.6f}' for v in box)}"
+            for c, box in zip(s.classes, boxes.reshape(-1, 4), strict=True)
+        ]
+        (folder / "labels" / f"{Path(name).stem}.txt").write_text(
+            "".join(line + "\n" for line in lines)
+        )
+    return folder
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,8 +51,15 @@ class StageTimes:
         return self.preprocess + self.invoke + self.decode
 
 
-def load_model(path: str | Path, labels: str | Path | None = None, **options: Any) -> Bundle:
-    """A bundle directory/.tar (verified), or a bare ``.tflite`` described on the fly."""
+def load_model(path: str | Path | None, labels: str | Path | None = None, **options: Any) -> Bundle:
+    """A bundle directory/.tar (verified), a bare ``.tflite`` described on the fly, or (``None``)
+    the default parcel bundle shipped with doorstep."""
+    if path is None:
+        from device.models import default_bundle
+
+        if labels is not None:
+            raise LabelsError("--labels goes with a bare .tflite --model, not the default bundle")
+        return load_bundle(default_bundle())
     path = Path(path)
     if path.is_dir() or (path.is_file() and path.suffix == ".tar"):
         if labels is not None:
@@ -99,8 +106,10 @@ class Detector:
         self.last_times = StageTimes(0.0, 0.0, 0.0)
 
     @classmethod
-    def open(cls, path: str | Path, labels: str | Path | None = None, **kwargs: Any) -> Detector:
-        """Load ``path`` (bundle or .tflite + labels) and build a detector on it."""
+    def open(
+        cls, path: str | Path | None, labels: str | Path | None = None, **kwargs: Any
+    ) -> Detector:
+        """Load ``path`` (bundle, .tflite + labels, or None: the default bundle) and build a detector."""
         det_keys = {"runtime", "num_threads", "score_threshold", "iou_threshold", "max_detections"}
         det_kwargs = {k: v for k, v in kwargs.items() if k in det_keys}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in det_keys}
