@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-data", nargs="+", metavar="DIR", help="validate on these sets instead of a split"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--synthetic-negatives",
+        type=int,
+        default=20,
+        metavar="N",
+        help="add N rendered parcel-free doorsteps as negatives (default 20; 0: none)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
     p = sub.add_parser(
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, metavar="DIR", help="YOLO folder, VOC folder or COCO .json"
     )
     p.add_argument("--labels", metavar="FILE", help="label file for bare .tflite models")
+    p.add_argument("--anchors", metavar="FILE.npy", help="anchors for bare raw-SSD .tflite models")
     p.add_argument(
         "--label-map",
         action="append",
@@ -310,9 +318,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{dataset.format} set {dataset.root}: {len(dataset.samples)} images, classes {dataset.names}",
         file=sys.stderr,
     )
+
+    def model(m: str) -> Detector:
+        if not m.endswith(".tflite"):
+            return Detector.open(m)
+        return Detector.open(m, args.labels, **({"anchors": args.anchors} if args.anchors else {}))
+
     scores = [
         evaluate_detector(
-            Detector.open(m, args.labels if m.endswith(".tflite") else None),
+            model(m),
             dataset,
             label_map,
             args.threshold,

@@ -1,8 +1,9 @@
-"""The demo detector: a hand-built Keras model that finds the one red box in view.
+"""A hand-built Keras detector that finds the one red box in view: quantization's test subject.
 
-It is no parcel detector (that arrives with the trained default model); it exists so that the
-whole path, Keras -> full-integer int8 TFLite with calibration -> bundle -> device detector, runs
-on a fresh machine with nothing downloaded. Its weights are set, not trained:
+It is no parcel detector; it exists so that Keras -> full-integer int8 TFLite with calibration
+-> bundle -> device detector can be tested in seconds, with a known answer, and (its *fragile*
+twin) so that the quality gate and ``--fix`` have a model they must catch. Its weights are set,
+not trained:
 
 * a 1x1 convolution scores each pixel's redness, ``R - (G + B) / 2``, clipped to 0..1;
 * max-pooling a whole column (row) gives the column (row) profile of the red mask;

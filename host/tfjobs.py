@@ -30,7 +30,14 @@ class TFJobError(DoorstepError):
 
 def run_job(job: str, **payload: Any) -> dict[str, Any]:
     """Run ``job`` in a child process; progress goes to our stderr; return its JSON answer."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    # oneDNN's fused kernels are not covered by TensorFlow's op determinism: off, so a seeded
+    # training run gives the same model twice.
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+    }
     with tempfile.TemporaryDirectory(prefix="doorstep-tfjob-") as tmp:
         answer_path = Path(tmp) / "answer.json"
         with subprocess.Popen(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from device.errors import DoorstepError
@@ -80,10 +81,14 @@ def split_by_scene(
     for gi in order:
         if len(val) >= target:
             break
-        if len(val) + len(groups[gi]) > 1.6 * target and val:
-            continue
+        if len(val) + len(groups[gi]) > 1.6 * target:
+            continue  # a burst this large would unbalance the split; try the next scene
         val.extend(by_path[p] for p in groups[gi])
         val_groups.append([p.name for p in groups[gi]])
+    if not val:  # every scene is large: hold out the smallest one
+        smallest = min(groups, key=len)
+        val = [by_path[p] for p in smallest]
+        val_groups = [[p.name for p in smallest]]
     val_set = {s.image for s in val}
     train = [s for s in samples if s.image not in val_set]
     if not train or not val:
@@ -160,6 +165,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "labels.txt").write_text("\n".join(names) + "\n")
+    export_yolo(val, names, out / "val")  # the held-out scenes, ready for evaluate/quantize --eval
+    export_yolo(train_set, names, out / "train")  # what it learned from: calibrate quantize on this
     (out / "split.json").write_text(
         json.dumps(
             {
@@ -185,6 +192,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from host.ssd_import import extract_ssd
 
     graph = extract_ssd(args.init, out / "base")  # with the device's runtime, here: not beside TF
+    if args.synthetic_negatives:
+        from host.render import render_negatives
+
+        folder = out / "synthetic-negatives"
+        folder.mkdir(exist_ok=True)
+        for i, image in enumerate(render_negatives(args.synthetic_negatives)):
+            path = folder / f"negative_{i:03d}.png"
+            cv2.imwrite(str(path), image)
+            train_set = [*train_set, Sample(path, np.zeros((0, 4)), ())]
+        print(
+            f"added {args.synthetic_negatives} rendered parcel-free doorsteps (SYNTHETIC) as negatives",
+            file=sys.stderr,
+        )
     answer = run_job(
         "train",
         train=pack(train_set),

@@ -344,6 +344,18 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     }
     steps_fn: dict[bool, Any] = {}
 
+    def clean_loss() -> float:
+        """Loss on the training photos as they are (no augmentation): did training learn them?"""
+        total = 0.0
+        for i in range(0, len(train), batch):
+            chunk = train[i : i + batch]
+            targets = [assign(anchors, corners, b, c, nc) for _, b, c in chunk]
+            images = np.stack([to_input(im) for im, _, _ in chunk])
+            lc, lb = losses(images, *(np.stack([t[k] for t in targets]) for k in range(3)))
+            total += (float(lc) + float(lb)) * len(chunk)
+        return total / len(train)
+
+    loss_before = clean_loss()
     history = []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
@@ -399,8 +411,16 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
         )
     log = out / "training.json"
     previous = json.loads(log.read_text())["history"] if log.exists() and start else []
+    loss_after = clean_loss()
+    _say(
+        f"  loss on the unaugmented training photos: {loss_before:.3f} before, {loss_after:.3f} after"
+    )
+    clean = {"before": round(loss_before, 4), "after": round(loss_after, 4)}
     log.write_text(
-        json.dumps({"best": best, "history": previous + history, "seed": seed}, indent=1)
+        json.dumps(
+            {"best": best, "history": previous + history, "seed": seed, "clean_loss": clean},
+            indent=1,
+        )
     )
     return {
         "best_ap50": best["ap50"],

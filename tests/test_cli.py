@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -260,17 +259,17 @@ def test_check_config_prints_the_validated_config() -> None:
     not HAS_TF, reason="the demo builds its model with TensorFlow (host side; main environment)"
 )
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ}
     proc = subprocess.run(
         [sys.executable, "-m", "host.cli", "demo", "--out", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
-        timeout=600,
-        env=env,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
-    iou = float(re.search(r"found with IoU (\d\.\d\d)", proc.stdout).group(1))  # type: ignore[union-attr]
-    assert iou > 0.7
-    assert "1 detection(s)" in proc.stdout
-    assert (tmp_path / "demo" / "redbox-bundle" / "manifest.json").is_file()
-    assert (tmp_path / "demo" / "annotated" / "porch.jpg").is_file()
+    assert "found in: 14" in proc.stdout and "false alarms: 0" in proc.stdout
+    page = (tmp_path / "demo" / "index.html").read_text()
+    assert "synthetic" in page and "contact_sheet.png" in page
+    sheet = cv2.imread(str(tmp_path / "demo" / "contact_sheet.png"))
+    assert sheet is not None and sheet.shape[1] == 6 * 324
+    assert (tmp_path / "demo" / "parcel-int8" / "manifest.json").is_file()
+    assert len(list((tmp_path / "demo" / "frames").glob("*.png"))) == 30
