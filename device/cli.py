@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from device import __version__
-from device.cliutil import formatter, run
+from device.cliutil import formatter, parse_threads, run
 from device.errors import DoorstepError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -188,6 +188,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     unreadable: list[str] = []
+    written: set[str] = set()  # annotated names in --out, so a/1.jpg and b/1.jpg both survive
     peak = 0.0
     for path in images:
         image = cv2.imread(str(path))
@@ -208,7 +209,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
             }
         )
         if out_dir:
-            cv2.imwrite(str(out_dir / f"{path.stem}.jpg"), annotate(image, dets))
+            name = (
+                f"{path.stem}.jpg"
+                if path.stem not in written
+                else f"{path.stem}-{len(written)}.jpg"
+            )
+            written.add(path.stem)
+            cv2.imwrite(str(out_dir / name), annotate(image, dets))
         if not args.json:
             t = det.last_times
             print(
@@ -223,7 +230,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise DoorstepError("none of the images could be read")
     if peak <= 0.0:
         raise CollapsedScoresError(
-            f"{args.model}: every class score is 0 on all {len(results)} image(s): the model's scores "
+            f"{det.bundle.source}: every class score is 0 on all {len(results)} image(s): the model's scores "
             "collapsed (typically boxes and scores quantized into one int8 tensor); re-quantize it "
             "with separate score outputs"
         )
@@ -252,8 +259,8 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise DoorstepError(f"--frame-size {text!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
-    if w <= 0 or h <= 0:
-        raise DoorstepError(f"--frame-size {text!r}: width and height must be positive")
+    if w < 64 or h < 64:
+        raise DoorstepError(f"--frame-size {text!r}: frames must be at least 64x64")
     return w, h
 
 
@@ -261,12 +268,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from device.bench import bench, format_table, load_frames
 
     size = _parse_size(args.frame_size)
-    threads = None
-    if args.threads:
-        try:
-            threads = [int(t) for t in args.threads.split(",")]
-        except ValueError:
-            raise DoorstepError(f"--threads {args.threads!r}: expected numbers like 1,4") from None
+    threads = parse_threads(args.threads)
+    if args.iterations < 1:
+        raise DoorstepError(f"--iterations {args.iterations}: time at least one frame")
     frames = load_frames(args.source, size)
     kwargs = _model_kwargs(args)
     runtime = kwargs.pop("runtime")

@@ -31,3 +31,16 @@ def run(
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def parse_threads(text: str | None) -> list[int] | None:
+    """``--threads 1,4`` -> [1, 4]; ``None`` when not given."""
+    if not text:
+        return None
+    try:
+        threads = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise DoorstepError(f"--threads {text!r}: expected numbers like 1,4") from None
+    if any(t < 1 for t in threads):
+        raise DoorstepError(f"--threads {text!r}: thread counts start at 1")
+    return threads

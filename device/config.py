@@ -104,6 +104,13 @@ class DeviceConfig(_Section):
     )
     model: ModelConfig = ModelConfig()
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_beside_config(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        path = value.expanduser()
+        return path if path.is_absolute() or base is None else Path(base) / path
+
 
 # Without types-PyYAML (a dev extra) ``yaml.SafeLoader`` is ``Any``; with it, this ignore is unused.
 class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from device.bundle.manifest import DecoderSpec, Manifest
-from device.bundle.store import MANIFEST, load_bundle
+from device.bundle.store import load_bundle
 from device.detect.layout import detect_layout
 from device.detect.model import ModelFacts, TensorFacts, read_model_facts
 from device.errors import DoorstepError
@@ -96,6 +96,4 @@ def inspect_model(
         if labels:  # the user asked for the class check: its failure is the answer
             raise
         error = str(exc)
-    if path.is_dir() and not (path / MANIFEST).exists():
-        raise DoorstepError(f"{path}: a directory without {MANIFEST} is not a bundle")
     return Report(facts, layout, error, None)

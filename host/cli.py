@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from device import __version__
-from device.cliutil import formatter, run
+from device.cliutil import formatter, parse_threads, run
 
 DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorstep-host",
         formatter_class=formatter,
-        description="Prepare detectors for doorstep doorbells: wrap, quantize, evaluate, deploy.",
+        description="Prepare detectors for doorstep doorbells: train, quantize, evaluate, bundle, bench.",
         epilog="examples:\n"
         "  doorstep-host bundle detect.tflite --labels labels.txt --out ssd-bundle/\n"
         "  doorstep-host quantize detector.keras --labels labels.txt --calib photos/ --out int8/\n"
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  doorstep-host quantize saved_model/ --labels labels.txt --anchors anchors.npy \\\n"
         "      --calib day/ night/ --eval labeled/ --max-drop 1.0 --fix --out parcel-int8/",
     )
-    p.add_argument("model", metavar="MODEL", help="Keras .keras/.h5 file or SavedModel folder")
+    p.add_argument(
+        "model", metavar="MODEL", help="Keras .keras/.h5 file, SavedModel folder or float .tflite"
+    )
     p.add_argument(
         "--calib", nargs="+", required=True, metavar="DIR", help="folders of calibration images"
     )
@@ -260,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         formatter_class=formatter,
-        help="build the self-made demo detector and image and run them end to end",
-        description="Generate a small hand-built detector (it finds red boxes) and a synthetic "
-        "porch image, bundle the model, inspect it and detect on the image. Everything is made "
-        "here: no photo or third-party model involved.",
+        help="render a synthetic doorstep, quantize the default model, detect, show a contact sheet",
+        description="Render a synthetic doorstep sequence (a parcel arrives, stays, is taken), "
+        "quantize the default parcel detector with those frames as calibration, run the device's "
+        "detector on every frame and write an annotated contact sheet and an HTML page with the "
+        "figures. Nothing is downloaded; no photo is involved.",
         epilog="example:\n  doorstep-host demo --out demo/",
     )
     p.add_argument("--out", default="demo", metavar="DIR", help="where to write (default: demo/)")
@@ -345,7 +348,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from host.bench import format_table, time_invoke, write_json
 
-    threads = [int(t) for t in args.threads.split(",")] if args.threads else None
+    threads = parse_threads(args.threads)
     rows = []
     for m in args.models:
         print(f"timing {m}", file=sys.stderr)

@@ -86,8 +86,6 @@ def _yolo_names(root: Path) -> list[str] | None:
 def _yolo(root: Path, names: list[str] | None) -> Dataset:
     images_dir = root / "images" if (root / "images").is_dir() else root
     labels_dir = root / "labels" if (root / "labels").is_dir() else images_dir
-    if not labels_dir.is_dir():
-        raise DatasetError(f"{root}: no labels folder (YOLO), Annotations (VOC) or .json (COCO)")
     images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DatasetError(
@@ -140,11 +138,16 @@ def _coco(path: Path) -> Dataset:
     names = [cats[k] for k in sorted(cats)]
     index = {k: i for i, k in enumerate(sorted(cats))}
     per_image: dict[int, list[tuple[list[float], int]]] = {k: [] for k in images}
-    for ann in annotations:
-        x, y, w, h = ann["bbox"]
-        per_image.setdefault(ann["image_id"], []).append(
-            ([x, y, x + w, y + h], index[ann["category_id"]])
-        )
+    for n, ann in enumerate(annotations):
+        try:
+            x, y, w, h = ann["bbox"]
+            cls = index[ann["category_id"]]
+            image_id = ann["image_id"]
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(
+                f"{path}: annotation {n} needs image_id, a known category_id and bbox [x, y, w, h]"
+            ) from None
+        per_image.setdefault(image_id, []).append(([x, y, x + w, y + h], cls))
     samples = []
     for image_id, im in images.items():
         anns = per_image.get(image_id, [])

@@ -32,6 +32,7 @@ from device.detect.flatbuffer import custom_op_names
 from device.detect.model import read_model_facts
 from device.detect.runtime import open_interpreter, runtime_version
 from device.errors import DoorstepError
+from device.labels import read_labels
 from host.calibration import CalibrationSet, gather
 from host.tfjobs import run_job
 
@@ -75,7 +76,9 @@ def _model_kind(model: Path) -> str:
                 f"{model}: already quantized (input {facts.inputs[0].dtype}); give its float model"
             )
         return "tflite"
-    raise QuantizeError(f"{model}: expected a Keras model (.keras, .h5) or a SavedModel folder")
+    raise QuantizeError(
+        f"{model}: expected a Keras model (.keras, .h5), a SavedModel folder or a float .tflite"
+    )
 
 
 def _describe(
@@ -197,17 +200,28 @@ def quantize(args: argparse.Namespace) -> Bundle | None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise QuantizeError(f"{out} already exists: choose another --out or pass --force")
-    if args.eval:  # refuse a bad evaluation set before minutes of work, not after
-        from device.labels import read_labels
+    try:
+        Thresholds(score=args.threshold, iou=args.iou)
+    except ValueError as exc:
+        raise QuantizeError(f"--threshold/--iou: {exc}") from None
+    if args.fix and kind == "tflite":
+        raise QuantizeError(
+            "--fix needs the model's Keras or SavedModel source: it keeps layers in float through "
+            "TensorFlow's converter, which cannot read a .tflite"
+        )
+    names = read_labels(args.labels)  # refuse bad labels and evaluation sets before the slow work
+    if args.eval:
         from host.datasets import load_dataset
         from host.evaluate import class_mapping, parse_label_map
 
-        class_mapping(
-            read_labels(args.labels), load_dataset(args.eval), parse_label_map(args.label_map)
-        )
+        class_mapping(names, load_dataset(args.eval), parse_label_map(args.label_map))
 
     say(f"[1/6] calibration images from {', '.join(args.calib)}")
     calib = gather(args.calib, args.max_images)
+    if len(calib.files) < 2:
+        raise QuantizeError(
+            f"only {len(calib.files)} readable calibration image: need at least 2 (100-500 recommended)"
+        )
     for w in calib.warnings:
         say(f"  warning: {w}")
     say(

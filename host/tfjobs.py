@@ -9,8 +9,10 @@ and writes its JSON answer to the file the request names.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,33 +73,36 @@ def _say(text: str) -> None:
     print(f"doorstep: {text}", file=sys.stderr, flush=True)
 
 
-def _load_model(path: str) -> Any:
+def _load_model(path: str) -> str:
+    """A SavedModel folder to convert from: the given one, or a Keras model exported once.
+
+    The export uses a fixed batch of 1 (static shapes: no SHAPE/PACK ops for a dynamic batch),
+    freezes the weights and gives the model a serving_default signature (from_keras_model
+    fails on multi-output Keras 3 models; other tools need the signature). It lives until this
+    child process exits.
+    """
     import tensorflow as tf
 
     p = Path(path)
     if p.is_dir():
-        return ("saved_model", str(p))
+        return str(p)
     try:
-        return ("keras", tf.keras.models.load_model(str(p), compile=False))
+        model = tf.keras.models.load_model(str(p), compile=False)
     except Exception as exc:
         raise ValueError(f"{p}: cannot load as a Keras model: {exc}") from None
-
-
-def _converter(model: Any) -> Any:
-    import tensorflow as tf
-
-    kind, obj = model
-    if kind == "saved_model":
-        return tf.lite.TFLiteConverter.from_saved_model(obj)
-    # Export with a fixed batch of 1 (static shapes: no SHAPE/PACK ops for a dynamic batch) to a
-    # SavedModel, which freezes the weights and gives the model a serving_default signature
-    # (from_keras_model fails on multi-output Keras 3 models; other tools need the signature).
-    shape = [1, *obj.inputs[0].shape[1:]]
     export = tempfile.mkdtemp(prefix="doorstep-export-")
-    obj.export(
+    atexit.register(shutil.rmtree, export, True)
+    shape = [1, *model.inputs[0].shape[1:]]
+    model.export(
         export, input_signature=[tf.TensorSpec(shape, tf.float32, name="image")], verbose=False
     )
-    return tf.lite.TFLiteConverter.from_saved_model(export)
+    return export
+
+
+def _converter(saved_model: str) -> Any:
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(saved_model)
 
 
 def _representative(

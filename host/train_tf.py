@@ -226,7 +226,7 @@ def predict(
             best, score = probs.argmax(1), probs.max(1)
             keep = np.flatnonzero(score >= threshold)
             boxes = decode_ssd_boxes(e[keep], anchors[keep], SCALES)
-            kept = nms(boxes, score[keep], best[keep], 0.6, 100)
+            kept = nms(boxes, score[keep], best[keep], 0.45, 100)  # the bundle's default IoU
             results.append([(float(score[keep][k]), int(best[keep][k]), boxes[k]) for k in kept])
     return results
 

@@ -51,6 +51,16 @@ def test_bundle_and_its_tar_detect_like_the_bare_model(
         assert Detector.open(source).detect(image) == bare
 
 
+def test_tar_holds_only_the_manifest_and_its_files(bundle_dir: Path, tmp_path: Path) -> None:
+    (bundle_dir / "notes").mkdir()
+    (bundle_dir / "README.txt").write_text("not part of the bundle")
+    tar = pack_bundle(bundle_dir, tmp_path / "b.tar")
+    with tarfile.open(tar) as t:
+        assert sorted(t.getnames()) == ["manifest.json", "model.tflite"]
+    assert load_bundle(tar).manifest.name == "detect"
+    assert not (tmp_path / "b.tar.part").exists()
+
+
 def test_a_changed_byte_is_refused(bundle_dir: Path) -> None:
     model = bundle_dir / "model.tflite"
     data = bytearray(model.read_bytes())

@@ -159,6 +159,14 @@ def test_host_bundle_then_device_detect(
             "expected WIDTHxHEIGHT",
         ),
         (["check-config", "{tmp}/none.yaml"], "config file not found"),
+        (
+            ["bench", "--model", "{model}", "--labels", "{labels}", "--iterations", "0"],
+            "time at least one frame",
+        ),
+        (
+            ["bench", "--model", "{model}", "--labels", "{labels}", "--threads", "a"],
+            "expected numbers like 1,4",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
@@ -183,6 +191,27 @@ def test_bad_input_exits_2_with_a_clear_message(
     )
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_annotated_images_with_the_same_name_do_not_overwrite(
+    ssd_model: Path, ssd_labels: Path, coco_samples: Path, tmp_path: Path
+) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.jpg").symlink_to(coco_samples / "pets.jpg")
+    run(
+        "doorstep-device",
+        "detect",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--model",
+        str(ssd_model),
+        "--labels",
+        str(ssd_labels),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x-1.jpg", "x.jpg"]
 
 
 def test_detect_skips_unreadable_images_and_says_so(

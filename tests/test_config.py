@@ -26,7 +26,12 @@ def test_shipped_config_is_valid() -> None:
 def test_relative_model_paths_resolve_against_the_config(tmp_path: Path) -> None:
     (tmp_path / "m.tflite").write_bytes(b"x")
     (tmp_path / "l.txt").write_text("a\n")
-    cfg = load_config(_cfg(tmp_path, "device_id: d1\nmodel:\n  path: m.tflite\n  labels: l.txt\n"))
+    cfg = load_config(
+        _cfg(
+            tmp_path, "device_id: d1\nstate_dir: state\nmodel:\n  path: m.tflite\n  labels: l.txt\n"
+        )
+    )
+    assert cfg.state_dir == tmp_path / "state"
     assert cfg.model.path == tmp_path / "m.tflite"
     assert cfg.model.labels == tmp_path / "l.txt"
 

@@ -92,6 +92,14 @@ def test_bad_voc_and_coco(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetError, match=r"a.xml: <object> without <name> or <bndbox>"):
         load_dataset(tmp_path / "voc")
+    (tmp_path / "d.json").write_text(
+        '{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "p"}],'
+        ' "annotations": [{"image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1]}]}'
+    )
+    with pytest.raises(
+        DatasetError, match=r"d.json: annotation 0 needs image_id, a known category_id"
+    ):
+        load_dataset(tmp_path / "d.json")
     (tmp_path / "c.json").write_text('{"images": []}')
     with pytest.raises(DatasetError, match="c.json: not a COCO detection file"):
         load_dataset(tmp_path / "c.json")

@@ -47,6 +47,12 @@ def test_letterbox_places_frame_centred_and_maps_boxes_back_exactly() -> None:
     np.testing.assert_allclose(geo.to_source(canvas), src, atol=1e-4)
 
 
+def test_boxes_are_clipped_to_the_frame() -> None:
+    geo = InputTransform(_spec(resize="stretch")).geometry(100, 100)
+    boxes = np.array([[-10, -10, 150, 150]], np.float32) * geo.scale_x
+    np.testing.assert_allclose(geo.to_source(boxes), [[0, 0, 100, 100]])
+
+
 def test_letterbox_with_odd_sizes_undoes_rounding() -> None:
     t = InputTransform(_spec(height=300, width=300))
     geo = t.geometry(641, 479)

@@ -111,14 +111,22 @@ def write_bundle(
 
 
 def pack_bundle(bundle_dir: str | Path, tar_path: str | Path) -> Path:
-    """Pack a bundle directory into an uncompressed tar for transport (models barely compress)."""
+    """Pack a bundle into an uncompressed tar for transport (models barely compress).
+
+    Only the manifest and the files it lists go in, so the tar loads wherever the directory does.
+    """
     src, dest = Path(bundle_dir), Path(tar_path)
-    load_bundle(src)  # never ship a bundle that does not verify
+    bundle = load_bundle(src)  # never ship a bundle that does not verify
     part = dest.with_name(dest.name + ".part")
-    with tarfile.open(part, "w") as tar:
-        for f in sorted(src.iterdir()):
-            tar.add(f, arcname=f.name, recursive=False)
-    part.replace(dest)
+    try:
+        with tarfile.open(part, "w") as tar:
+            tar.add(src / MANIFEST, arcname=MANIFEST, recursive=False)
+            for name in sorted(bundle.manifest.files):
+                tar.add(src / name, arcname=name, recursive=False)
+        part.replace(dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return dest
 
 

@@ -77,8 +77,8 @@ class Geometry:
         out = np.empty_like(boxes, dtype=np.float32)
         out[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_x) / self.scale_x
         out[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_y) / self.scale_y
-        np.clip(out[:, [0, 2]], 0, self.src_w, out=out[:, [0, 2]])
-        np.clip(out[:, [1, 3]], 0, self.src_h, out=out[:, [1, 3]])
+        np.clip(out[:, 0::2], 0, self.src_w, out=out[:, 0::2])  # views: clip in place
+        np.clip(out[:, 1::2], 0, self.src_h, out=out[:, 1::2])
         return out
 
 
