@@ -71,11 +71,13 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def bundle(work: Path) -> Path:
-    proc = host(
+def quantize_gated(
+    work: Path, model: str, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``quantize`` of one of the work models, calibrated and gated on the work sets."""
+    return host(
         "quantize",
-        str(work / "redbox.keras"),
+        str(work / model),
         "--labels",
         str(work / "labels.txt"),
         "--calib",
@@ -83,8 +85,14 @@ def bundle(work: Path) -> Path:
         "--eval",
         str(work / "eval"),
         "--out",
-        str(work / "int8"),
+        str(out),
+        *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def bundle(work: Path) -> Path:
+    proc = quantize_gated(work, "redbox.keras", work / "int8")
     assert proc.returncode == 0, proc.stderr
     assert "quality gate passed" in proc.stderr
     return work / "int8"
@@ -132,18 +140,7 @@ def test_int8_finds_what_float_finds_on_real_photos(work: Path, bundle: Path) ->
 
 def test_gate_fails_on_a_model_built_to_break(work: Path) -> None:
     out = work / "fragile-int8"
-    proc = host(
-        "quantize",
-        str(work / "fragile.keras"),
-        "--labels",
-        str(work / "labels.txt"),
-        "--calib",
-        str(work / "calib"),
-        "--eval",
-        str(work / "eval"),
-        "--out",
-        str(out),
-    )
+    proc = quantize_gated(work, "fragile.keras", out)
     assert proc.returncode == 2
     assert "AP@0.5 of int8 vs float" in proc.stdout  # the table is printed
     assert "quality gate failed: int8 AP@0.5 is" in proc.stderr and "--fix" in proc.stderr
@@ -152,19 +149,7 @@ def test_gate_fails_on_a_model_built_to_break(work: Path) -> None:
 
 def test_fix_keeps_only_the_culprit_layers_in_float(work: Path) -> None:
     out = work / "fragile-fixed"
-    proc = host(
-        "quantize",
-        str(work / "fragile.keras"),
-        "--labels",
-        str(work / "labels.txt"),
-        "--calib",
-        str(work / "calib"),
-        "--eval",
-        str(work / "eval"),
-        "--out",
-        str(out),
-        "--fix",
-    )
+    proc = quantize_gated(work, "fragile.keras", out, "--fix")
     assert proc.returncode == 0, proc.stderr
     fix = (load_bundle(out).manifest.evaluation or {})["fix"]
     assert fix["drop_before_points"] > 10 >= 1.0 >= fix["drop_after_points"]
@@ -315,7 +300,8 @@ def test_a_broken_or_already_quantized_tflite_is_explained(
     proc = host("quantize", str(work / "labels.txt"), *common)
     assert (
         proc.returncode == 2
-        and "expected a Keras model (.keras, .h5) or a SavedModel folder" in proc.stderr
+        and "expected a Keras model (.keras, .h5), a SavedModel folder or a float .tflite"
+        in proc.stderr
     )
 
 

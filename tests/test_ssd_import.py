@@ -39,6 +39,35 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def quantize(
+    rebuilt: Path, model: str, labels: Path, coco_samples: Path, out: Path
+) -> subprocess.CompletedProcess[str]:
+    """``quantize`` the rebuilt SSD, calibrated on the real photos of packages-v6 and coco-samples."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "quantize",
+            str(rebuilt / model),
+            "--labels",
+            str(labels),
+            "--anchors",
+            str(rebuilt / "graph" / "anchors.npy"),
+            "--iou",
+            "0.6",
+            "--calib",
+            str(SHARED / "data" / "packages-v6"),
+            str(coco_samples),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 def _dogs(det: Detector, coco_samples: Path) -> list[tuple[float, tuple[float, ...]]]:
     found = det.detect(cv2.imread(str(coco_samples / "pets.jpg")))
     return sorted((d.score, d.box) for d in found if d.label == "dog")
@@ -67,29 +96,7 @@ def test_quantized_rebuilt_ssd_finds_the_same_objects_on_real_photos(
     rebuilt: Path, ssd_labels: Path, coco_samples: Path
 ) -> None:
     out = rebuilt / "int8"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "host.cli",
-            "quantize",
-            str(rebuilt / "ssd.keras"),
-            "--labels",
-            str(ssd_labels),
-            "--anchors",
-            str(rebuilt / "graph" / "anchors.npy"),
-            "--iou",
-            "0.6",
-            "--calib",
-            str(SHARED / "data" / "packages-v6"),
-            str(coco_samples),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = quantize(rebuilt, "ssd.keras", ssd_labels, coco_samples, out)
     assert proc.returncode == 0, proc.stderr
     assert "only 33 calibration images" in proc.stderr  # warned, not refused
     m = load_bundle(out).manifest
@@ -123,29 +130,7 @@ def test_float_tflite_route_uses_ai_edge_quantizer(
 ) -> None:
     """A float .tflite (no Keras source) is quantized by ai-edge-quantizer, input included."""
     out = rebuilt / "int8-aq"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "host.cli",
-            "quantize",
-            str(rebuilt / "float.tflite"),
-            "--labels",
-            str(ssd_labels),
-            "--anchors",
-            str(rebuilt / "graph" / "anchors.npy"),
-            "--iou",
-            "0.6",
-            "--calib",
-            str(SHARED / "data" / "packages-v6"),
-            str(coco_samples),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = quantize(rebuilt, "float.tflite", ssd_labels, coco_samples, out)
     assert proc.returncode == 0, proc.stderr
     m = load_bundle(out).manifest
     assert m.tools["converter"].startswith("ai-edge-quantizer")

@@ -68,33 +68,38 @@ def test_a_few_steps_on_two_real_photos_lower_the_loss(tmp_path: Path, ssd_model
         (data / "labels" / f"{name}.txt").write_text((porch / "labels" / f"{name}.txt").read_text())
     (data / "classes.txt").write_text("package\n")
     out = tmp_path / "model"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "host.cli",
-            "train",
-            "--data",
-            str(data),
-            "--val-data",
-            str(data),
-            "--init",
-            str(ssd_model),
-            "--out",
-            str(out),
-            "--epochs",
-            "6",
-            "--head-epochs",
-            "2",
-            "--batch",
-            "2",
-            "--synthetic-negatives",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+
+    def train(epochs: int, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "train",
+                "--data",
+                str(data),
+                "--val-data",
+                str(data),
+                "--init",
+                str(ssd_model),
+                "--out",
+                str(out),
+                "--epochs",
+                str(epochs),
+                "--head-epochs",
+                "2",
+                "--batch",
+                "2",
+                "--synthetic-negatives",
+                "0",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    proc = train(6)
     assert proc.returncode == 0, proc.stderr
     assert "epoch 6/6 [all layers]" in proc.stderr and "val AP@0.5" in proc.stderr
     log = json.loads((out / "training.json").read_text())
@@ -106,34 +111,7 @@ def test_a_few_steps_on_two_real_photos_lower_the_loss(tmp_path: Path, ssd_model
     assert len(list((out / "val" / "images").iterdir())) == 2  # held-out set, ready for --eval
     assert (out / "train" / "classes.txt").read_text() == "package\n"
     # resuming continues after the last epoch and keeps the history
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "host.cli",
-            "train",
-            "--data",
-            str(data),
-            "--val-data",
-            str(data),
-            "--init",
-            str(ssd_model),
-            "--out",
-            str(out),
-            "--epochs",
-            "7",
-            "--head-epochs",
-            "2",
-            "--batch",
-            "2",
-            "--synthetic-negatives",
-            "0",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    again = train(7, "--resume")
     assert again.returncode == 0, again.stderr
     assert "resumed from epoch 6" in again.stderr and "epoch 7/7" in again.stderr
     assert len(json.loads((out / "training.json").read_text())["history"]) == 7
