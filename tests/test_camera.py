@@ -93,3 +93,52 @@ def test_motion_gate_skips_a_static_scene_but_runs_every_few_seconds(traffic_vid
         traffic = MotionGate()
         results = [traffic.should_run(f.image, f.t) for f in iter(src.read, None)]
     assert all(results)
+
+
+@pytest.fixture
+def standin(coco_samples: Path) -> object:
+    import sys
+
+    import picamera2_standin
+
+    calls = picamera2_standin.install(cv2.imread(str(coco_samples / "pets.jpg")))
+    yield calls
+    sys.modules.pop("picamera2", None)
+
+
+@pytest.mark.parametrize("lores_format", ["YUV420", "RGB888"])
+def test_picamera2_adapter_gives_both_streams_of_one_request(
+    standin: list[str], lores_format: str, ssd_model: Path, ssd_labels: Path
+) -> None:
+    from device.camera.picamera2 import Picamera2Source
+    from device.detect.detector import Detector
+
+    src = Picamera2Source(
+        main_size=(1024, 860), lores_size=(320, 270), fps=10, lores_format=lores_format
+    )
+    with src:
+        frame = src.read(timeout=5)
+        nxt = src.read(timeout=5)
+    assert frame is not None and nxt is not None and nxt.index > frame.index and nxt.t > frame.t
+    assert frame.image.shape == (860, 1024, 3)
+    det = Detector.open(ssd_model, ssd_labels)
+    dogs = [d for d in det.detect(frame.lores) if d.label == "dog"]  # type: ignore[arg-type]
+    assert len(dogs) == 2  # the detector reads the lores stream (YUV420 with padded rows, or BGR)
+    assert max(d.box[2] for d in dogs) <= 320
+    assert standin[:3] == ["init", "configure", "start"] and standin[-2:] == ["stop", "close"]
+    assert (
+        standin.count("release") >= standin.count("capture_request") - 1
+    )  # every request given back
+
+
+def test_picamera2_missing_says_how_to_install() -> None:
+    import sys
+
+    from device.camera.picamera2 import Picamera2Source
+
+    sys.modules["picamera2"] = None  # type: ignore[assignment]  # makes the import fail
+    try:
+        with pytest.raises(DoorstepError, match="apt install python3-picamera2"):
+            Picamera2Source().open()
+    finally:
+        sys.modules.pop("picamera2", None)
