@@ -1,0 +1,1 @@
+"""Alerts: the durable outbox and the MQTT publisher."""
