@@ -129,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     p = sub.add_parser(
+        "run",
+        formatter_class=formatter,
+        help="run the doorbell: capture, detect, track parcels, publish alerts",
+        description="The service the doorbell runs: frames from the configured source through the motion "
+        "gate and the detector into the presence tracker; events go to MQTT through a durable outbox. "
+        "Flags override the config. A finite source (video file, image folder) ends the run once the "
+        "outbox has drained.",
+        epilog="examples:\n"
+        "  doorstep-device run --config /etc/doorstep/device.yaml\n"
+        "  doorstep-device run --config configs/device.yaml --source clip.mp4 --broker mqtt://127.0.0.1:1883",
+    )
+    p.add_argument("--config", default="configs/device.yaml", metavar="FILE")
+    p.add_argument(
+        "--source", metavar="URI", help="image folder, video file, camera index or stream URL"
+    )
+    p.add_argument("--broker", metavar="URL", help="mqtt://host:port (overrides mqtt.url)")
+    p.add_argument("--device-id", metavar="ID")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--fps", type=float, metavar="N", help="frame rate of a file or folder source")
+
+    p = sub.add_parser(
         "check-config",
         formatter_class=formatter,
         help="validate a device.yaml",
@@ -303,11 +324,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from device.config import load_config
+    from device.daemon import install_signal_handlers, run
+
+    overrides: dict[str, Any] = {}
+    if args.source:
+        src = Path(args.source)
+        if src.is_dir():
+            overrides["source"] = {
+                "type": "folder",
+                "path": str(src.resolve()),
+                "fps": args.fps or 5.0,
+            }
+        else:
+            uri: int | str = int(args.source) if args.source.isdigit() else args.source
+            overrides["source"] = {"type": "opencv", "uri": uri, "fps": args.fps}
+    elif args.fps:
+        overrides["source.fps"] = args.fps
+    if args.broker:
+        overrides["mqtt.url"] = args.broker
+    if args.device_id:
+        overrides["device_id"] = args.device_id
+    if args.state_dir:
+        overrides["state_dir"] = str(Path(args.state_dir).resolve())
+    cfg = load_config(args.config, overrides)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    return run(cfg, stop)
+
+
 COMMANDS = {
     "inspect": cmd_inspect,
     "detect": cmd_detect,
     "bench": cmd_bench,
     "check-config": cmd_check_config,
+    "run": cmd_run,
 }
 
 

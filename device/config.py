@@ -93,6 +93,89 @@ class ModelConfig(_Section):
         }
 
 
+class FolderSourceConfig(_Section):
+    """A folder of images, in name order (replays, tests)."""
+
+    type: Literal["folder"]
+    path: Path
+    fps: Annotated[float, Field(gt=0, le=120)] = 5.0
+
+    _check_path = field_validator("path")(_resolve)
+
+
+class OpenCVSourceConfig(_Section):
+    """A USB camera (index), an RTSP/HTTP stream, or a video file."""
+
+    type: Literal["opencv"]
+    uri: int | str = Field(
+        description="camera index, rtsp://... or http://... URL, or a video file"
+    )
+    fps: Annotated[float, Field(gt=0, le=120)] | None = Field(
+        None, description="file frame rate override"
+    )
+    loop: bool = False
+
+
+class Picamera2SourceConfig(_Section):
+    """The Raspberry Pi camera: main stream for snapshots, lores stream for the model."""
+
+    type: Literal["picamera2"]
+    main_size: tuple[int, int] = (1280, 720)
+    lores_size: tuple[int, int] = (320, 240)
+    lores_format: Literal["YUV420", "RGB888"] = "YUV420"
+    fps: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+
+SourceConfig = Annotated[
+    FolderSourceConfig | OpenCVSourceConfig | Picamera2SourceConfig, Field(discriminator="type")
+]
+
+
+class MqttConfig(_Section):
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts:// for TLS")
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the password (never logged)")
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    event_expiry_s: Annotated[int, Field(ge=60)] = 86_400
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "doorstep"
+
+    _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(_resolve)
+
+
+class ZoneConfig(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+    polygon: list[tuple[float, float]] | None = Field(
+        None, description="corners in 0..1 frame coordinates"
+    )
+
+
+class PresenceConfig(_Section):
+    arrive_hits: Annotated[int, Field(ge=1)] = 3
+    arrive_window: Annotated[int, Field(ge=1)] = 5
+    remove_after_s: Annotated[float, Field(gt=0)] = 10.0
+    reminder_every_s: Annotated[float, Field(gt=0)] | None = 1800.0
+    person_overlap: Annotated[float, Field(gt=0, le=1)] = 0.3
+    zones: list[ZoneConfig] = Field(default_factory=lambda: [ZoneConfig(name="doorstep")])
+
+    @model_validator(mode="after")
+    def _hits_fit_window(self) -> PresenceConfig:
+        if self.arrive_hits > self.arrive_window:
+            raise ValueError(
+                f"arrive_hits ({self.arrive_hits}) cannot exceed arrive_window ({self.arrive_window})"
+            )
+        return self
+
+
+class MotionConfig(_Section):
+    enabled: bool = True
+    min_changed: Annotated[float, Field(gt=0, le=1)] = 0.01
+    max_idle_s: Annotated[float, Field(gt=0)] = 5.0
+
+
 class DeviceConfig(_Section):
     """The doorbell's whole configuration."""
 
@@ -103,6 +186,14 @@ class DeviceConfig(_Section):
         Path("/var/lib/doorstep"), description="where models, the outbox and state are kept"
     )
     model: ModelConfig = ModelConfig()
+    source: SourceConfig | None = Field(
+        None, description="where frames come from (needed by `run`)"
+    )
+    mqtt: MqttConfig | None = Field(
+        None, description="the broker; null publishes nothing (events are logged)"
+    )
+    presence: PresenceConfig = PresenceConfig()
+    motion: MotionConfig = MotionConfig()
 
     @field_validator("state_dir")
     @classmethod
@@ -161,7 +252,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
         node[leaf] = value
     try:
         return DeviceConfig.model_validate(data, context={"base_dir": path.parent})
