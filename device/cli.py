@@ -351,9 +351,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.state_dir:
         overrides["state_dir"] = str(Path(args.state_dir).resolve())
     cfg = load_config(args.config, overrides)
-    stop = threading.Event()
-    install_signal_handlers(stop)
-    return run(cfg, stop)
+    stop, reload = threading.Event(), threading.Event()
+    install_signal_handlers(stop, reload)
+    return run(cfg, stop, reload, lambda: load_config(args.config, overrides))
 
 
 COMMANDS = {

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from device.camera.base import FrameSource
 from device.config import DeviceConfig, FolderSourceConfig, OpenCVSourceConfig, SourceConfig
 from device.detect.detector import Detection, Detector
 from device.detect.preprocess import Yuv420Frame
-from device.errors import ConfigError
+from device.errors import ConfigError, DoorstepError
 from device.motion import MotionGate
 from device.presence import PresenceSettings, PresenceTracker, Zone
+from device.sdnotify import Notifier
 
 
 def open_source(cfg: SourceConfig) -> FrameSource:
@@ -57,8 +59,17 @@ def _scale(dets: list[Detection], sx: float, sy: float) -> list[Detection]:
     ]
 
 
-def run(cfg: DeviceConfig, stop: threading.Event | None = None) -> int:
+def run(
+    cfg: DeviceConfig,
+    stop: threading.Event | None = None,
+    reload: threading.Event | None = None,
+    reload_config: Callable[[], DeviceConfig] | None = None,
+) -> int:
+    """Run until a finite source ends or ``stop`` is set; ``reload`` (SIGHUP) reloads the model
+    through ``reload_config``, keeping the running model if the new one fails."""
     stop = stop or threading.Event()
+    reload = reload or threading.Event()
+    notify = Notifier()
     if cfg.source is None:
         raise ConfigError("no `source` configured: say where frames come from (or pass --source)")
     det = Detector.open(cfg.model.path, cfg.model.labels, **cfg.model.detector_options())
@@ -115,15 +126,28 @@ def run(cfg: DeviceConfig, stop: threading.Event | None = None) -> int:
     )
     frames = inferences = 0
     source = open_source(cfg.source)
+    last_status = 0.0
     try:
         with source:
+            notify.ready(f"{m.name} {m.version} on {det.runtime_version}")
             while not stop.is_set():
+                if reload.is_set():
+                    reload.clear()
+                    det, sha = _reload(det, sha, reload_config, notify)
+                    tracker.model_sha256 = sha
+                    m = det.manifest
                 frame = source.read(timeout=5.0)
+                notify.watchdog()  # from the frame loop: no frames, no petting
                 if frame is None:
                     if source.live:
                         continue  # a live camera that paused: keep waiting
                     break
                 frames += 1
+                if frame.t - last_status >= 10:
+                    last_status = frame.t
+                    notify.status(
+                        f"{frames} frames, {inferences} inferences, present: {tracker.present()}"
+                    )
                 if cfg.motion.enabled and not gate.should_run(frame.image, frame.t):
                     continue
                 inferences += 1
@@ -157,6 +181,7 @@ def run(cfg: DeviceConfig, stop: threading.Event | None = None) -> int:
                             }
                         )
     finally:
+        notify.stopping()
         drained = True
         if publisher is not None:
             drained = publisher.drain(timeout=30.0)
@@ -172,10 +197,34 @@ def run(cfg: DeviceConfig, stop: threading.Event | None = None) -> int:
     return 0
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
+def _reload(
+    det: Detector, sha: str, reload_config: Callable[[], DeviceConfig] | None, notify: Notifier
+) -> tuple[Detector, str]:
+    """Load the configured model again; on any failure keep serving the current one."""
+    if reload_config is None:
+        return det, sha
+    notify.reloading()
+    try:
+        cfg = reload_config()
+        new = Detector.open(cfg.model.path, cfg.model.labels, **cfg.model.detector_options())
+    except DoorstepError as exc:
+        log("reload_failed", error=str(exc), keeping=det.manifest.name, sha256=sha)
+        print(f"doorstep: reload failed, keeping the running model: {exc}", file=sys.stderr)
+        notify.ready("reload failed; old model kept")
+        return det, sha
+    m = new.manifest
+    new_sha = m.files[m.model_file].sha256 if m.model_file in m.files else ""
+    log("reloaded", model=m.name, version=m.version, sha256=new_sha)
+    notify.ready(f"{m.name} {m.version}")
+    return new, new_sha
+
+
+def install_signal_handlers(stop: threading.Event, reload: threading.Event | None = None) -> None:
     def handler(signum: int, frame: Any) -> None:
         print(f"doorstep: {signal.Signals(signum).name}: stopping", file=sys.stderr)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
