@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -79,3 +80,29 @@ class LatestSlot:
             self._cond.wait_for(lambda: self._frame is not None or self._closed, timeout)
             frame, self._frame = self._frame, None
             return frame
+
+
+class CaptureThread:
+    """A background capture loop feeding a :class:`LatestSlot`, stopped and joined on demand."""
+
+    def __init__(self, name: str, loop: Callable[[threading.Event, LatestSlot], None]) -> None:
+        self.slot = LatestSlot()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(loop,), name=name, daemon=True)
+
+    def _run(self, loop: Callable[[threading.Event, LatestSlot], None]) -> None:
+        try:
+            loop(self._stop, self.slot)
+        finally:
+            self.slot.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def read(self, timeout: float) -> tuple[Frame | None, int]:
+        """The newest frame (or None) and how many frames were dropped so far."""
+        return self.slot.get(timeout), self.slot.dropped

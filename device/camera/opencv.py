@@ -12,7 +12,7 @@ import time
 
 import cv2
 
-from device.camera.base import Frame, FrameSource, LatestSlot
+from device.camera.base import CaptureThread, Frame, FrameSource, LatestSlot
 from device.errors import DoorstepError
 
 
@@ -35,9 +35,7 @@ class OpenCVSource(FrameSource):
         self.live = is_live(self.uri) if live is None else live
         self.reconnect_max_s = reconnect_max_s
         self._cap: cv2.VideoCapture | None = None
-        self._slot = LatestSlot()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._capturer: CaptureThread | None = None
         self._index = 0
         self._rate = 0.0
         self.reconnects = 0
@@ -56,20 +54,19 @@ class OpenCVSource(FrameSource):
         self._rate = self.fps or self._cap.get(cv2.CAP_PROP_FPS) or 10.0
         self._index = 0
         if self.live:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._capture, name="capture", daemon=True)
-            self._thread.start()
+            self._capturer = CaptureThread("capture", self._capture)
+            self._capturer.start()
 
-    def _capture(self) -> None:
+    def _capture(self, stop: threading.Event, slot: LatestSlot) -> None:
         backoff = 0.5
         start = time.monotonic()
-        while not self._stop.is_set():
+        while not stop.is_set():
             assert self._cap is not None
             ok, image = self._cap.read()
             if ok:
                 backoff = 0.5
                 t = time.monotonic() - start
-                self._slot.put(Frame(image, t, self._index))
+                slot.put(Frame(image, t, self._index))
                 self._index += 1
                 if not is_live(self.uri):  # a file run live (tests, demos): pace it by its rate
                     time.sleep(max(0.0, self._index / self._rate - (time.monotonic() - start)))
@@ -77,7 +74,7 @@ class OpenCVSource(FrameSource):
             if not is_live(self.uri) and not self.loop:
                 break
             self._cap.release()
-            if self._stop.wait(backoff):
+            if stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self.reconnect_max_s)
             try:
@@ -87,12 +84,10 @@ class OpenCVSource(FrameSource):
                 self.reconnects += 1
             except DoorstepError:
                 continue
-        self._slot.close()
 
     def read(self, timeout: float = 5.0) -> Frame | None:
-        if self.live:
-            frame = self._slot.get(timeout)
-            self.dropped = self._slot.dropped
+        if self._capturer is not None:
+            frame, self.dropped = self._capturer.read(timeout)
             return frame
         assert self._cap is not None
         ok, image = self._cap.read()
@@ -106,10 +101,9 @@ class OpenCVSource(FrameSource):
         return frame
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._capturer is not None:
+            self._capturer.stop()
+            self._capturer = None
         if self._cap is not None:
             self._cap.release()
             self._cap = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device.camera.base import Frame, FrameSource, LatestSlot
+from device.camera.base import CaptureThread, Frame, FrameSource, LatestSlot
 from device.detect.preprocess import Yuv420Frame
 from device.errors import DoorstepError
 
@@ -39,9 +39,7 @@ class Picamera2Source(FrameSource):
         self.main_size, self.lores_size, self.fps = main_size, lores_size, fps
         self.lores_format, self.camera = lores_format, camera
         self._cam: Any = None
-        self._slot = LatestSlot()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._capturer: CaptureThread | None = None
 
     def open(self) -> None:
         try:
@@ -63,14 +61,13 @@ class Picamera2Source(FrameSource):
         except (RuntimeError, IndexError, OSError) as exc:
             raise DoorstepError(f"camera {self.camera}: cannot start: {exc}") from None
         self._cam = cam
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._capture, name="picamera2", daemon=True)
-        self._thread.start()
+        self._capturer = CaptureThread("picamera2", self._capture)
+        self._capturer.start()
 
-    def _capture(self) -> None:
+    def _capture(self, stop: threading.Event, slot: LatestSlot) -> None:
         index = 0
         start = None
-        while not self._stop.is_set():
+        while not stop.is_set():
             request = self._cam.capture_request()
             try:
                 main = request.make_array("main")  # RGB888 is B, G, R in memory: OpenCV's order
@@ -83,20 +80,19 @@ class Picamera2Source(FrameSource):
             low: Yuv420Frame | np.ndarray = (
                 Yuv420Frame(lores, *self.lores_size) if self.lores_format == "YUV420" else lores
             )
-            self._slot.put(Frame(np.ascontiguousarray(main), (t_ns - start) / 1e9, index, low))
+            slot.put(Frame(np.ascontiguousarray(main), (t_ns - start) / 1e9, index, low))
             index += 1
-        self._slot.close()
 
     def read(self, timeout: float = 5.0) -> Frame | None:
-        frame = self._slot.get(timeout)
-        self.dropped = self._slot.dropped
+        if self._capturer is None:
+            return None
+        frame, self.dropped = self._capturer.read(timeout)
         return frame
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._capturer is not None:
+            self._capturer.stop()
+            self._capturer = None
         if self._cam is not None:
             self._cam.stop()
             self._cam.close()
