@@ -95,6 +95,13 @@ class Detector:
         self.max_detections = (
             m.thresholds.max_detections if max_detections is None else max_detections
         )
+        spec = m.input
+        self._input_shape = (
+            (1, spec.height, spec.width, 3)
+            if spec.layout == "NHWC"
+            else (1, 3, spec.height, spec.width)
+        )
+        self._input_dtype = np.dtype(spec.dtype)
         self._input_index = self._check_input()
         self._outputs = self._map_outputs()
         self.transform = InputTransform(m.input)
@@ -126,11 +133,7 @@ class Detector:
                 f"{where}: model has {len(details)} inputs; doorstep runs single-image models"
             )
         t = tensor_facts(details[0])
-        expected = (
-            (1, spec.height, spec.width, 3)
-            if spec.layout == "NHWC"
-            else (1, 3, spec.height, spec.width)
-        )
+        expected = self._input_shape
         problems = []
         if t.shape != expected:
             problems.append(
@@ -175,13 +178,8 @@ class Detector:
 
     def set_input(self, tensor: np.ndarray) -> None:
         """Feed a ready input tensor, refusing a wrong shape or dtype with a clear message."""
-        spec = self.manifest.input
-        expected = (
-            (1, spec.height, spec.width, 3)
-            if spec.layout == "NHWC"
-            else (1, 3, spec.height, spec.width)
-        )
-        if tensor.shape != expected or tensor.dtype != np.dtype(spec.dtype):
+        spec, expected = self.manifest.input, self._input_shape
+        if tensor.shape != expected or tensor.dtype != self._input_dtype:
             raise DetectorError(
                 f"input tensor {list(tensor.shape)} {tensor.dtype} does not match the model's "
                 f"{list(expected)} {spec.dtype}"

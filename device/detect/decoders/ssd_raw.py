@@ -46,6 +46,14 @@ class SsdRawDecoder(Decoder):
         if self.anchors.ndim != 2 or self.anchors.shape[1] != 4:
             raise BundleError(f"{path}: anchors must be [N, 4], got {list(self.anchors.shape)}")
         self._first = 1 if self.params.background_class else 0
+        boxes = spec.outputs.get("boxes")
+        predicted = (
+            boxes.shape[-2] if boxes is not None and len(boxes.shape) >= 2 else len(self.anchors)
+        )
+        if predicted != len(self.anchors):  # checked once here, not per frame
+            raise BundleError(
+                f"{path}: {len(self.anchors)} anchors but the model predicts {predicted} boxes"
+            )
 
     def _class_scores(self, scores: Output) -> tuple[np.ndarray, np.ndarray]:
         """Best class id and score per anchor (background column excluded)."""
@@ -68,10 +76,6 @@ class SsdRawDecoder(Decoder):
 
     def decode(self, outputs: Mapping[str, Output], score_threshold: float) -> Candidates:
         enc_out, score_out = outputs["boxes"], outputs["scores"]
-        if len(self.anchors) != enc_out.data.reshape(-1, 4).shape[0]:
-            raise BundleError(
-                f"{len(self.anchors)} anchors but the model predicts {enc_out.data.reshape(-1, 4).shape[0]} boxes"
-            )
         best, best_score = self._class_scores(score_out)
         keep = np.flatnonzero(best_score >= score_threshold)
         if not keep.size:
