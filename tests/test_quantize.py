@@ -216,6 +216,20 @@ def _saved_model(tmp: Path, body: str) -> Path:
     return tmp / "sm"
 
 
+def quantize_plain(work: Path, model: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """``quantize`` of a SavedModel made in the test, calibrated on the work scenes, no gate."""
+    return host(
+        "quantize",
+        str(model),
+        "--labels",
+        str(work / "labels.txt"),
+        "--calib",
+        str(work / "calib"),
+        "--out",
+        str(out),
+    )
+
+
 def test_pixel_boxes_sharing_a_tensor_with_scores_are_refused(work: Path, tmp_path: Path) -> None:
     model = _saved_model(
         tmp_path,
@@ -225,16 +239,7 @@ def test_pixel_boxes_sharing_a_tensor_with_scores_are_refused(work: Path, tmp_pa
         return tf.concat([boxes, scores], 0)[None]
     """,
     )
-    proc = host(
-        "quantize",
-        str(model),
-        "--labels",
-        str(work / "labels.txt"),
-        "--calib",
-        str(work / "calib"),
-        "--out",
-        str(tmp_path / "b"),
-    )
+    proc = quantize_plain(work, model, tmp_path / "b")
     assert proc.returncode == 2
     assert "holds boxes in pixels" in proc.stderr and "split boxes and scores" in proc.stderr
     assert not (tmp_path / "b").exists()
@@ -242,16 +247,7 @@ def test_pixel_boxes_sharing_a_tensor_with_scores_are_refused(work: Path, tmp_pa
 
 def test_ops_tflite_cannot_run_are_named(work: Path, tmp_path: Path) -> None:
     model = _saved_model(tmp_path, "return tf.strings.to_number(tf.strings.as_string(x))")
-    proc = host(
-        "quantize",
-        str(model),
-        "--labels",
-        str(work / "labels.txt"),
-        "--calib",
-        str(work / "calib"),
-        "--out",
-        str(tmp_path / "b"),
-    )
+    proc = quantize_plain(work, model, tmp_path / "b")
     assert proc.returncode == 2
     assert "uses TensorFlow ops that TFLite cannot run: AsString, StringToNumber" in proc.stderr
 
