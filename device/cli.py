@@ -129,6 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     p = sub.add_parser(
+        "bench-daemon",
+        formatter_class=formatter,
+        help="measure the running daemon: pipeline vs invoke, CPU on a static scene, memory",
+        description="Run the real daemon twice in a child process and read its JSON log: a "
+        "moving scene where every frame is inferred (per-stage latency; pipeline time against "
+        "invoke time) and a static scene from a 10 fps live source (CPU use and resident memory). "
+        "Prints a table with the targets; nothing passes or fails.",
+        epilog="examples:\n  doorstep-device bench-daemon\n"
+        "  doorstep-device bench-daemon --model model-bundle/ --seconds 60 --json daemon.json",
+    )
+    p.add_argument("--model", "-m", metavar="BUNDLE", help="default: the shipped parcel model")
+    p.add_argument(
+        "--runtime", default="auto", choices=("auto", "ai_edge_litert", "tflite_runtime")
+    )
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="default: 1")
+    p.add_argument("--frames", type=int, default=300, metavar="N", help="moving-scene frames")
+    p.add_argument(
+        "--seconds", type=float, default=30.0, metavar="S", help="static-scene run (default: 30)"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+
+    p = sub.add_parser(
         "run",
         formatter_class=formatter,
         help="run the doorbell: capture, detect, track parcels, publish alerts",
@@ -148,6 +170,116 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", metavar="ID")
     p.add_argument("--state-dir", metavar="DIR")
     p.add_argument("--fps", type=float, metavar="N", help="frame rate of a file or folder source")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="replay a video file as a camera would deliver it (real time, newest frame only)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("human", "json"),
+        default="human",
+        help="stdout: short lines for people (the journal) or the JSON records (default: human; "
+        "the JSON-lines file is always written)",
+    )
+
+    p = sub.add_parser(
+        "capture",
+        formatter_class=formatter,
+        help="save camera frames for calibration or labelling",
+        description="Save N frames from the configured source (or --source) as image files: "
+        "calibration images for quantization, or photos to label. The main stream is saved.",
+        epilog="examples:\n"
+        "  doorstep-device capture --count 200 --every 2 --out calib/\n"
+        "  doorstep-device capture --source rtsp://cam.local/stream --count 50 --out frames/",
+    )
+    p.add_argument("--config", default="configs/device.yaml", metavar="FILE")
+    p.add_argument("--source", metavar="URI", help="video file, folder, camera index or stream URL")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="frames to save")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (created)")
+    p.add_argument(
+        "--every", type=float, default=0.0, metavar="S", help="seconds between saved frames"
+    )
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+
+    p = sub.add_parser(
+        "schemas",
+        formatter_class=formatter,
+        help="write the JSON Schemas of the MQTT payloads",
+        description="Write a JSON Schema for every payload the daemon publishes (event, state, "
+        "telemetry, availability), generated from the code that builds them.",
+        epilog="example:\n  doorstep-device schemas --out schemas/",
+    )
+    p.add_argument("--out", required=True, metavar="DIR")
+
+    store_help = {
+        "status": (
+            "show the deployed models and the daemon's state",
+            "What this device runs: the active and previous bundles, the stored ones, uploads in "
+            "progress, free space, and the daemon's record (pid, model sha256, self-test, when "
+            "updated). What `doorstep-host deploy` reads over SSH.",
+            "  doorstep-device status --config /etc/doorstep/device.yaml\n"
+            "  doorstep-device status --state-dir /var/lib/doorstep --json",
+        ),
+        "install": (
+            "install an uploaded bundle tar into the model store",
+            "Check the tar's sha256, unpack it safely, verify every file (and the signature when "
+            "signing.public_keys is configured) and move it to <state_dir>/models/<ID>.",
+            "  doorstep-device install /var/lib/doorstep/models/ID.tar.part --id ID --sha256 SHA \\\n"
+            "      --config /etc/doorstep/device.yaml",
+        ),
+        "activate": (
+            "make an installed bundle the active model and reload the daemon",
+            "Verify the bundle (and its signature when keys are configured), switch "
+            "<state_dir>/current to it atomically, keep the old one as `previous`, then reload "
+            "the daemon (systemctl reload under systemd, else SIGHUP).",
+            "  doorstep-device activate /var/lib/doorstep/models/ID --config /etc/doorstep/device.yaml",
+        ),
+        "rollback": (
+            "switch back to the previous model and reload the daemon",
+            "Swap `current` and `previous` and reload the daemon.",
+            "  doorstep-device rollback --config /etc/doorstep/device.yaml",
+        ),
+        "prune": (
+            "delete old models, keeping the newest K (never current or previous)",
+            "Delete the oldest stored bundles beyond --keep, never the current or previous one, "
+            "and uploads left unfinished for more than a day.",
+            "  doorstep-device prune --keep 3 --config /etc/doorstep/device.yaml",
+        ),
+    }
+    for name, (short, long, example) in store_help.items():
+        p = sub.add_parser(
+            name,
+            formatter_class=formatter,
+            help=short,
+            description=long,
+            epilog=f"example{'s' if example.count(chr(10)) > 1 else ''}:\n{example}",
+        )
+        if name in ("install", "activate"):
+            p.add_argument("path", metavar="TAR" if name == "install" else "BUNDLE_DIR")
+        if name == "install":
+            p.add_argument("--id", required=True, help="the bundle id (sha256 of manifest.json)")
+            p.add_argument("--sha256", required=True, help="sha256 of the uploaded tar")
+        if name == "prune":
+            p.add_argument("--keep", type=int, default=3, metavar="K", help="default: 3")
+        p.add_argument("--config", metavar="FILE", help="device.yaml (state_dir, signing keys)")
+        p.add_argument("--state-dir", metavar="DIR", help="overrides the config's state_dir")
+        if name in ("install", "activate", "rollback"):
+            p.add_argument(
+                "--public-key",
+                action="append",
+                default=[],
+                metavar="FILE",
+                help="trusted signing key (repeatable; adds to signing.public_keys)",
+            )
+        if name in ("activate", "rollback"):
+            p.add_argument(
+                "--reload",
+                choices=("auto", "systemd", "signal", "none"),
+                default="auto",
+                help="how to tell the daemon (default: auto, systemd if it runs under it)",
+            )
+        p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser(
         "check-config",
@@ -315,6 +447,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from device.daemon_bench import bench_daemon, format_figures
+
+    if args.frames < 20 or args.seconds < 8:
+        raise DoorstepError("--frames must be at least 20 and --seconds at least 8")
+    figures = bench_daemon(args.model, args.runtime, args.threads, args.frames, args.seconds)
+    print(format_figures(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures.to_json(), indent=2) + "\n")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from device.config import load_config
 
@@ -324,13 +468,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import threading
-
-    from device.config import load_config
-    from device.daemon import install_signal_handlers, run
-
+def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
+    live = getattr(args, "live", False)
     if args.source:
         src = Path(args.source)
         if src.is_dir():
@@ -342,8 +482,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             uri: int | str = int(args.source) if args.source.isdigit() else args.source
             overrides["source"] = {"type": "opencv", "uri": uri, "fps": args.fps}
-    elif args.fps:
-        overrides["source.fps"] = args.fps
+            if live:
+                overrides["source"]["live"] = True
+    else:
+        if getattr(args, "fps", None):
+            overrides["source.fps"] = args.fps
+        if live:
+            overrides["source.live"] = True
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from device.config import load_config
+    from device.daemon import install_signal_handlers, run
+
+    overrides = _source_overrides(args)
     if args.broker:
         overrides["mqtt.url"] = args.broker
     if args.device_id:
@@ -353,15 +508,185 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     stop, reload = threading.Event(), threading.Event()
     install_signal_handlers(stop, reload)
-    return run(cfg, stop, reload, lambda: load_config(args.config, overrides))
+    return run(cfg, stop, reload, lambda: load_config(args.config, overrides), args.log_format)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    import time
+
+    import cv2
+
+    from device.config import SourceConfig, load_config, source_config
+    from device.daemon import open_source
+
+    if args.count < 1:
+        raise DoorstepError(f"--count {args.count}: save at least one frame")
+    args.fps, args.live = None, False
+    cfg_source: SourceConfig | None = (
+        source_config(_source_overrides(args)["source"])  # no config file needed
+        if args.source
+        else load_config(args.config).source
+    )
+    if cfg_source is None:
+        raise DoorstepError(f"{args.config}: no `source` configured; pass --source")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DoorstepError(f"{out}: cannot create the output folder: {exc.strerror}") from None
+    saved, last = 0, -1e9
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open_source(cfg_source) as source:
+        while saved < args.count:
+            frame = source.read(timeout=10.0)
+            if frame is None:
+                if source.live:
+                    raise DoorstepError("the camera delivered no frame for 10 s")
+                break
+            if frame.t - last < args.every:
+                continue
+            last = frame.t
+            path = out / f"{stamp}-{saved:05d}.{args.format}"
+            if not cv2.imwrite(str(path), frame.image):
+                raise DoorstepError(f"{path}: could not write the image (disk full?)")
+            saved += 1
+            print(f"\rsaved {saved}/{args.count}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"{saved} frame(s) in {out}")
+    if saved < args.count:
+        print(f"the source ended after {saved} of {args.count} frames", file=sys.stderr)
+    return 0
+
+
+def _store_args(args: argparse.Namespace) -> tuple[Any, list[Any], str]:
+    """The store, the trusted keys and the service name from --config / --state-dir."""
+    from device.config import load_config
+    from device.install import Store, trusted_keys
+
+    keys_files: list[Path] = [Path(k) for k in getattr(args, "public_key", [])]
+    service = "doorstep-device"
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    if args.config:
+        cfg = load_config(args.config)
+        keys_files += cfg.signing.public_keys
+        service = cfg.signing.service
+        state_dir = state_dir or Path(cfg.state_dir)
+    if state_dir is None:
+        raise DoorstepError("say where the state directory is: --state-dir DIR or --config FILE")
+    for k in keys_files:
+        if not k.is_file():
+            raise DoorstepError(f"{k}: public key file not found")
+    return Store(state_dir), trusted_keys(keys_files), service
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from device.install import status
+
+    store, _, _ = _store_args(args)
+    st = status(store)
+
+    def model(m: dict[str, Any] | None) -> str:
+        if m is None:
+            return "none"
+        return f"{m['name']} {m['version']} ({m['id'][:12]})"
+
+    d = st["daemon"]
+    daemon = (
+        "no record"
+        if d is None
+        else (
+            f"{d['state']} (pid {d['pid']}), model sha256 {str(d['model_sha256'])[:12]}, "
+            f"self-test {'ok' if d['self_test']['ok'] else 'FAILED'}"
+        )
+    )
+    free = st["free_bytes"]
+    text = "\n".join(
+        [
+            f"state dir : {st['state_dir']}",
+            f"active    : {model(st['active'])}",
+            f"previous  : {model(st['previous'])}",
+            f"stored    : {len(st['stored'])} bundle(s); uploads in progress: {len(st['partials'])}",
+            f"free      : {'?' if free is None else f'{free / 1e9:.2f} GB'}",
+            f"daemon    : {daemon}",
+        ]
+    )
+    _print(args, st, text)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from device.install import install
+
+    store, keys, _ = _store_args(args)
+    final = install(store, Path(args.path), args.id, args.sha256, keys)
+    _print(args, {"installed": str(final), "id": args.id}, f"installed {final}")
+    return 0
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    from device.install import activate, reload_daemon
+
+    store, keys, service = _store_args(args)
+    result: dict[str, Any] = dict(activate(store, Path(args.path), keys))
+    result["reloaded"] = reload_daemon(store, args.reload, service)
+    _print(
+        args,
+        result,
+        f"active: {result['active']}, previous: {result['previous']}, reload: {result['reloaded']}",
+    )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from device.install import reload_daemon, rollback
+
+    store, keys, service = _store_args(args)
+    result: dict[str, Any] = dict(rollback(store, keys))
+    result["reloaded"] = reload_daemon(store, args.reload, service)
+    _print(
+        args,
+        result,
+        f"rolled back to {result['active']} (previous: {result['previous']}), "
+        f"reload: {result['reloaded']}",
+    )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from device.install import prune
+
+    store, _, _ = _store_args(args)
+    gone = prune(store, args.keep)
+    _print(args, {"deleted": gone}, "\n".join(f"deleted {g}" for g in gone) or "nothing to delete")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from device.alerts.payloads import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
 
 
 COMMANDS = {
     "inspect": cmd_inspect,
     "detect": cmd_detect,
     "bench": cmd_bench,
+    "bench-daemon": cmd_bench_daemon,
     "check-config": cmd_check_config,
     "run": cmd_run,
+    "capture": cmd_capture,
+    "schemas": cmd_schemas,
+    "status": cmd_status,
+    "install": cmd_install,
+    "activate": cmd_activate,
+    "rollback": cmd_rollback,
+    "prune": cmd_prune,
 }
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 
 from device.bundle.store import format_validation_error
 from device.errors import ConfigError
+from device.power import PowerConfig
 
 
 class _Section(BaseModel):
@@ -39,6 +40,13 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     if not path.exists():
         raise ValueError(f"path does not exist: {path}")
     return path
+
+
+def _beside_config(value: Path, info: ValidationInfo) -> Path:
+    """A path that need not exist yet, relative to the config file's directory."""
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    return path if path.is_absolute() or base is None else Path(base) / path
 
 
 class ModelConfig(_Section):
@@ -114,6 +122,21 @@ class OpenCVSourceConfig(_Section):
         None, description="file frame rate override"
     )
     loop: bool = False
+    live: bool | None = Field(
+        None,
+        description="null: cameras and streams are live, files are not; true replays a file as "
+        "a camera would deliver it (in real time, newest frame only, drops counted)",
+    )
+
+
+class StillSourceConfig(_Section):
+    """One image delivered as a live camera at ``fps`` (benchmarks, demos)."""
+
+    type: Literal["still"]
+    path: Path
+    fps: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+    _check_path = field_validator("path")(_resolve)
 
 
 class Picamera2SourceConfig(_Section):
@@ -127,7 +150,8 @@ class Picamera2SourceConfig(_Section):
 
 
 SourceConfig = Annotated[
-    FolderSourceConfig | OpenCVSourceConfig | Picamera2SourceConfig, Field(discriminator="type")
+    FolderSourceConfig | OpenCVSourceConfig | StillSourceConfig | Picamera2SourceConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -141,7 +165,16 @@ class MqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     event_expiry_s: Annotated[int, Field(ge=60)] = 86_400
+    drain_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="on stop, how long to wait for the broker to acknowledge stored events "
+        "(what is left stays in the outbox for the next start)",
+    )
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "doorstep"
+    home_assistant: bool = Field(True, description="publish Home Assistant discovery configs")
+    discovery_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "homeassistant"
+    snapshot: bool = Field(True, description="retain a JPEG of the main stream at arrival")
+    snapshot_quality: Annotated[int, Field(ge=10, le=100)] = 85
 
     _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(_resolve)
 
@@ -176,6 +209,50 @@ class MotionConfig(_Section):
     max_idle_s: Annotated[float, Field(gt=0)] = 5.0
 
 
+class TelemetryConfig(_Section):
+    """Latency, rate and health reports, and the JSON-lines log."""
+
+    interval_s: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="seconds between telemetry reports (topic, log)"
+    )
+    window: Annotated[int, Field(ge=10)] = Field(
+        600, description="samples per stage kept for p50/p95/max"
+    )
+    log_file: Path | None = Field(
+        None,
+        description="JSON-lines log; null: $LOGS_DIRECTORY/doorstep.jsonl under systemd, "
+        "else <state_dir>/log/doorstep.jsonl",
+    )
+    log_max_mb: Annotated[float, Field(gt=0)] = Field(10.0, description="rotate at this size")
+    log_backups: Annotated[int, Field(ge=0)] = Field(5, description="rotated files kept")
+    power_sample_s: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="seconds between power meter readings (integrated per report)"
+    )
+
+    @field_validator("log_file")
+    @classmethod
+    def _log_beside_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _beside_config(value, info)
+
+
+class SigningConfig(_Section):
+    """Which keys may sign the bundles this device runs."""
+
+    public_keys: list[Path] = Field(
+        default_factory=list,
+        description="public key files (doorstep-host keygen); when set, unsigned or badly "
+        "signed bundles are refused by install, activate and the daemon",
+    )
+    service: str = Field(
+        "doorstep-device", description="systemd unit reloaded after activate / rollback"
+    )
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        return [p for p in (_resolve(v, info) for v in value) if p is not None]
+
+
 class DeviceConfig(_Section):
     """The doorbell's whole configuration."""
 
@@ -194,13 +271,16 @@ class DeviceConfig(_Section):
     )
     presence: PresenceConfig = PresenceConfig()
     motion: MotionConfig = MotionConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    signing: SigningConfig = SigningConfig()
+    power: PowerConfig | None = Field(
+        None, description="power meter (by `type`); null reports no power"
+    )
 
     @field_validator("state_dir")
     @classmethod
     def _state_dir_beside_config(cls, value: Path, info: ValidationInfo) -> Path:
-        base = (info.context or {}).get("base_dir")
-        path = value.expanduser()
-        return path if path.is_absolute() or base is None else Path(base) / path
+        return _beside_config(value, info)
 
 
 # Without types-PyYAML (a dev extra) ``yaml.SafeLoader`` is ``Any``; with it, this ignore is unused.
@@ -260,3 +340,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
         return DeviceConfig.model_validate(data, context={"base_dir": path.parent})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def source_config(data: dict[str, Any]) -> SourceConfig:
+    """A ``source`` section on its own (``--source`` without a config file)."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(SourceConfig).validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "--source")) from None

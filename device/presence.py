@@ -125,6 +125,18 @@ class PresenceTracker:
     def present(self) -> dict[str, bool]:
         return {name: st.present for name, st in self._zones.items()}
 
+    def count(self) -> int:
+        """Parcels last seen in the zones that hold one."""
+        return sum(len(st.boxes) for st in self._zones.values() if st.present)
+
+    def since(self) -> float | None:
+        """When the longest-present parcel arrived (frame time), or ``None``."""
+        times = [st.since for st in self._zones.values() if st.present]
+        return min(times) if times else None
+
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        return [b for st in self._zones.values() if st.present for b in st.boxes]
+
     def update(
         self, t: float, detections: Sequence[Detection], width: int, height: int
     ) -> list[Event]:

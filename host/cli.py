@@ -266,10 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render a synthetic doorstep sequence (a parcel arrives, stays, is taken), "
         "quantize the default parcel detector with those frames as calibration, run the device's "
         "detector on every frame and write an annotated contact sheet and an HTML page with the "
-        "figures. Nothing is downloaded; no photo is involved.",
+        "figures. Then run the doorbell daemon on those frames with an embedded MQTT broker "
+        "(mosquitto if installed, else amqtt in-process) and print the alerts as a subscriber "
+        "receives them, with the per-stage latency. Nothing is downloaded; no photo is involved.",
         epilog="example:\n  doorstep-host demo --out demo/",
     )
     p.add_argument("--out", default="demo", metavar="DIR", help="where to write (default: demo/)")
+
+    p = sub.add_parser(
+        "watch",
+        formatter_class=formatter,
+        help="print the fleet's live parcel events (the simplest alert subscriber)",
+        description="Subscribe to every doorbell's events, availability and state on a broker and "
+        "print them as they arrive: one line each, or JSON lines with --json. Events are "
+        "de-duplicated by id.",
+        epilog="examples:\n"
+        "  doorstep-host watch --broker mqtt://broker.local:1883\n"
+        "  doorstep-host watch --broker mqtts://broker.local:8883 --ca-file ca.crt --json | jq .",
+    )
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://")
+    p.add_argument("--prefix", default="doorstep", help="topic prefix (default: doorstep)")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
+    p.add_argument("--username")
+    p.add_argument("--password-file", metavar="FILE")
+    p.add_argument("--ca-file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="JSON lines: device, kind, payload")
+    p.add_argument(
+        "--telemetry", action="store_true", help="also show telemetry reports (JSON only)"
+    )
     return parser
 
 
@@ -284,6 +308,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from host.demo import run_demo
 
     return run_demo(args.out)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import json
+    import threading
+    from pathlib import Path
+
+    from device.alerts.mqtt import BrokerSettings
+    from host.watch import Message, Watcher, describe
+
+    settings = BrokerSettings(
+        args.broker,
+        args.protocol,
+        args.username,
+        Path(args.password_file) if args.password_file else None,
+        ca_file=Path(args.ca_file) if args.ca_file else None,
+    )
+
+    def show(msg: Message) -> None:
+        if args.json:
+            payload = msg.payload if msg.kind != "snapshot" else len(msg.payload)
+            print(json.dumps({"device": msg.device, "kind": msg.kind, "payload": payload}))
+        else:
+            line = describe(msg)
+            if line is not None:
+                print(line)
+        sys.stdout.flush()
+
+    kinds = ("events", "availability", "state") + (("telemetry",) if args.telemetry else ())
+    watcher = Watcher(settings, args.prefix, show, kinds).start()
+    print(f"watching {args.broker} ({args.prefix}/+/...); Ctrl-C to stop", file=sys.stderr)
+    if not watcher.subscribed.wait(10):
+        watcher.stop()
+        print(f"doorstep-host: error: no answer from the broker at {args.broker}", file=sys.stderr)
+        return 2
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -366,6 +432,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "watch": cmd_watch,
 }
 
 

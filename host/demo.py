@@ -3,12 +3,15 @@
 It renders the synthetic doorstep sequence (host/render.py: a parcel appears, stays, is taken),
 quantizes the shipped float parcel detector to a full-integer int8 bundle with those frames as
 calibration, runs the device's detector on every frame, and writes an annotated contact sheet
-(PNG) and an HTML page with the figures.
+(PNG) and an HTML page with the figures. Last, it runs the doorbell daemon on those frames with an
+embedded MQTT broker (host/broker.py) and prints the alerts as a subscriber receives them, then
+the per-stage latency.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -26,7 +29,7 @@ FLOAT_MODEL = MODELS / "parcel-ssd.keras"
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/4] {text}", file=sys.stderr, flush=True)
+    print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
 
 
 def contact_sheet(
@@ -153,4 +156,76 @@ def run_demo(out_dir: str | Path) -> int:
     )
     print("\n".join(f"  {k}: {v}" for k, v in figures.items()))
     print(f"open {out / 'index.html'} (or {sheet}) to see every frame")
-    return 0 if len(hits) == len(present) and not alarms else 1
+    ok = len(hits) == len(present) and not alarms
+    return run_daemon_demo(out, out / "parcel-int8") if ok else 1
+
+
+DAEMON_CONFIG = """\
+# Written by `doorstep-host demo`: the daemon on the rendered frames, 2 frames a second.
+device_id: demo-porch
+state_dir: state
+model:
+  path: {model}
+  num_threads: 1
+source:
+  type: folder
+  path: frames
+  fps: 2
+mqtt:
+  url: {url}
+  protocol: "{protocol}"
+presence:
+  arrive_hits: 3
+  arrive_window: 5
+  remove_after_s: 3
+  reminder_every_s: null
+motion:
+  max_idle_s: 0.5
+telemetry:
+  log_file: daemon.jsonl
+"""
+
+
+def run_daemon_demo(out: Path, model: Path) -> int:
+    """`doorstep-device run` on the frames, alerts shown as a subscriber receives them."""
+    from device.alerts.mqtt import BrokerSettings
+    from device.config import load_config
+    from device.daemon import Daemon
+    from host.broker import EmbeddedBroker
+    from host.watch import Message, Watcher, describe
+
+    with EmbeddedBroker() as broker:
+        _step(
+            5,
+            f"doorstep-device run on those frames, publishing to an embedded {broker.kind} broker "
+            f"at {broker.url}; a subscriber prints what arrives",
+        )
+        conf = out / "device.yaml"
+        conf.write_text(
+            DAEMON_CONFIG.format(model=model.resolve(), url=broker.url, protocol=broker.protocol)
+        )
+        cfg = load_config(conf)
+
+        def show(msg: Message) -> None:
+            line = describe(msg)
+            if line is not None:
+                print(f"      subscriber: {line}", file=sys.stderr, flush=True)
+
+        watcher = Watcher(BrokerSettings(broker.url, broker.protocol), on_message=show).start()
+        watcher.subscribed.wait(10)
+        daemon = Daemon(cfg, log_format="human")
+        daemon.run()
+        watcher.wait(lambda w: len(w.events()) >= 2, timeout=10)
+        watcher.stop()
+    kinds = [e["event"] for e in watcher.events()]
+    stop = [
+        json.loads(line)
+        for line in (out / "daemon.jsonl").read_text().splitlines()
+        if '"log": "stop"' in line
+    ][-1]
+    print("\nlatency per stage over the run (ms, 1 thread):")
+    print(f"  {'stage':<13}{'p50':>8}{'p95':>8}{'max':>8}{'n':>6}")
+    for stage, st in stop["stages_ms"].items():
+        print(f"  {stage:<13}{st['p50']:>8.2f}{st['p95']:>8.2f}{st['max']:>8.2f}{st['n']:>6}")
+    print(f"alerts received: {', '.join(kinds) or 'none'}; log: {out / 'daemon.jsonl'}")
+    return 0 if kinds == ["arrived", "removed"] else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import modelgen  # noqa: E402
+from brokers import MQTT_USERS, BrokerMissingError, Mosquitto, Pki, make_pki  # noqa: E402
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 
@@ -60,65 +62,55 @@ def testmodels() -> Path:
     return folder
 
 
-# ---------------------------------------------------------------- a real Mosquitto on loopback
+# ---------------------------------------------------------------- real Mosquitto brokers on loopback
+# (the broker, password files and the throwaway CA live in brokers.py)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mosquitto:
-    """A real mosquitto broker on 127.0.0.1, started and stopped by the tests."""
-
-    def __init__(self, workdir: Path) -> None:
-        import shutil
-
-        exe = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
-        if exe is None:
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-        self.exe, self.port = exe, _free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
-        self.proc: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import socket
-        import subprocess
-        import time
-
-        self.proc = subprocess.Popen(
-            [self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+@pytest.fixture(scope="session")
+def mqtt_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA, a server cert for 127.0.0.1/localhost and a client cert (made once)."""
+    return make_pki(tmp_path_factory.mktemp("mqtt-pki"))
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Any:
-    broker = Mosquitto(tmp_path)
-    broker.start()
-    yield broker
-    broker.stop()
+def make_mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Start a broker with ``Mosquitto``'s options (users, tls, require_certificate, ...);
+    every broker started this way is stopped when the test ends."""
+    brokers: list[Mosquitto] = []
+
+    def make(name: str = "mosquitto", **options: Any) -> Mosquitto:
+        try:
+            broker = Mosquitto(tmp_path / name, **options)
+        except BrokerMissingError as exc:
+            pytest.skip(str(exc))
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(make_mosquitto: Callable[..., Mosquitto]) -> Mosquitto:
+    """A plain broker, anonymous clients allowed: ``.url``, ``.port``, ``.start()``, ``.stop()``."""
+    return make_mosquitto()
+
+
+@pytest.fixture
+def mosquitto_password(make_mosquitto: Callable[..., Mosquitto]) -> Mosquitto:
+    """A broker that refuses anonymous clients; ``.users`` maps each user to its password."""
+    return make_mosquitto("mosquitto-password", users=MQTT_USERS)
+
+
+@pytest.fixture
+def mosquitto_tls(make_mosquitto: Callable[..., Mosquitto], mqtt_pki: Pki) -> Mosquitto:
+    """A TLS-only broker (``mqtts://127.0.0.1:port``) whose certificate ``mqtt_pki.ca`` signed."""
+    return make_mosquitto("mosquitto-tls", tls=mqtt_pki.server)
+
+
+@pytest.fixture
+def mosquitto_mtls(make_mosquitto: Callable[..., Mosquitto], mqtt_pki: Pki) -> Mosquitto:
+    """Like ``mosquitto_tls``, and clients must show a certificate signed by ``mqtt_pki.ca``."""
+    return make_mosquitto("mosquitto-mtls", tls=mqtt_pki.server, require_certificate=True)

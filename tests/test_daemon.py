@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
+import jsonschema
+import numpy as np
 from test_alerts import Listener
 
+from device.alerts.payloads import SCHEMA_DIR
 from host.render import render_demo, write_frames
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    """The shipped schema (what a subscriber would use), not one generated now."""
+    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
 
 CONFIG = """
 device_id: porch-test
@@ -24,24 +35,30 @@ motion:
   max_idle_s: 0.5
 mqtt:
   url: mqtt://127.0.0.1:1
+  drain_timeout_s: {drain}
+telemetry:
+  interval_s: 2
 """
 
 
-def run_daemon(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "device.yaml").write_text(CONFIG)
+def daemon_cmd(tmp_path: Path, *args: str, drain: float = 30) -> list[str]:
+    (tmp_path / "device.yaml").write_text(CONFIG.format(drain=drain))
+    return [
+        sys.executable,
+        "-m",
+        "device.cli",
+        "run",
+        "--config",
+        str(tmp_path / "device.yaml"),
+        "--log-format",
+        "json",
+        *args,
+    ]
+
+
+def run_daemon(tmp_path: Path, *args: str, drain: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "device.cli",
-            "run",
-            "--config",
-            str(tmp_path / "device.yaml"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        daemon_cmd(tmp_path, *args, drain=drain), capture_output=True, text=True, timeout=300
     )
 
 
@@ -70,6 +87,153 @@ def test_rendered_doorstep_arrival_then_removal_reaches_a_subscriber(
     listener.close()
 
 
+def test_payloads_snapshot_and_home_assistant_discovery(mosquitto: Any, tmp_path: Path) -> None:
+    """Every payload validates against the shipped schema; the snapshot is a JPEG of the main
+    stream while the parcel is there and cleared once it is gone; discovery describes it all."""
+    write_frames(render_demo(), tmp_path / "frames")
+    listener = Listener(mosquitto.url, topic="#")
+    proc = run_daemon(
+        tmp_path, "--source", str(tmp_path / "frames"), "--fps", "2", "--broker", mosquitto.url
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert listener.wait(lambda li: len(li.events()) >= 2)
+    msgs = listener.messages
+    for topic, payload, _ in msgs:
+        kind = topic.split("/")[-1]
+        if topic.startswith("doorstep/") and kind in ("events", "state", "telemetry"):
+            validator({"events": "event"}.get(kind, kind)).validate(json.loads(payload))
+        if topic.endswith("/availability"):
+            validator("availability").validate(payload.decode())
+    snaps = [p for t, p, _ in msgs if t == "doorstep/porch-test/snapshot"]
+    assert len(snaps) == 2 and snaps[1] == b""  # one image at arrival, then cleared
+    image = cv2.imdecode(np.frombuffer(snaps[0], np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[:2] == (480, 640)  # the main stream's size
+    telemetry = [json.loads(p) for t, p, _ in msgs if t.endswith("/telemetry")]
+    assert telemetry and telemetry[-1]["stages_ms"]["invoke"]["n"] > 0
+    assert telemetry[-1]["rss_mb"] > 10
+    configs = {t: json.loads(p) for t, p, _ in msgs if t.startswith("homeassistant/")}
+    by_component = {t.split("/")[1] for t in configs}
+    assert by_component == {"binary_sensor", "sensor", "image"}
+    assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
+    parcel = configs["homeassistant/binary_sensor/doorstep_porch_test/parcel/config"]
+    assert parcel["state_topic"] == "doorstep/porch-test/state"
+    assert parcel["availability_topic"] == "doorstep/porch-test/availability"
+    image_cfg = configs["homeassistant/image/doorstep_porch_test/snapshot/config"]
+    assert image_cfg["image_topic"] == "doorstep/porch-test/snapshot"
+    listener.close()
+
+
+def test_discovery_is_sent_again_when_home_assistant_comes_online(
+    mosquitto: Any, tmp_path: Path
+) -> None:
+    """Home Assistant announces ``online`` on ``homeassistant/status`` after a restart."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from device.alerts.homeassistant import discovery_configs
+    from device.alerts.mqtt import BrokerSettings, Publisher
+    from device.alerts.outbox import Outbox
+
+    pub = Publisher("door9", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "o.sqlite"))
+    pub.set_discovery(discovery_configs("door9", pub.base, "m", "0"))
+    pub.start()
+    assert pub.connected.wait(10)
+    topic = "homeassistant/+/doorstep_door9/+/config"
+    first = Listener(mosquitto.url, topic=topic)
+    assert first.wait(lambda li: len(li.messages) == 6)  # live or retained, depending on timing
+    first.close()
+    listener = Listener(mosquitto.url, topic=topic)
+    assert listener.wait(lambda li: len(li.messages) == 6)  # now the broker's retained copies
+    assert all(retained for _, _, retained in listener.messages)
+    ha = mqtt.Client(CallbackAPIVersion.VERSION2)
+    ha.connect("127.0.0.1", mosquitto.port)
+    ha.loop_start()
+    ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+    assert listener.wait(lambda li: len(li.messages) == 12)  # sent again, live this time
+    assert not any(retained for _, _, retained in listener.messages[6:])
+    ha.loop_stop()
+    ha.disconnect()
+    pub.stop()
+    listener.close()
+
+
+def test_broker_down_during_the_run_loses_no_event(mosquitto: Any, tmp_path: Path) -> None:
+    """The broker is gone while the parcel comes and goes; it returns while the daemon drains:
+    both events arrive, each id once."""
+    write_frames(render_demo(), tmp_path / "frames")
+    mosquitto.stop()
+    proc = subprocess.Popen(
+        daemon_cmd(
+            tmp_path, "--source", str(tmp_path / "frames"), "--fps", "2", "--broker", mosquitto.url
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # wait until both events were decided, with no broker
+        entry = json.loads(line)
+        if entry["log"] == "event":
+            seen.append(entry["id"])
+        if len(seen) == 2:
+            break
+    mosquitto.start()
+    listener = Listener(mosquitto.url)  # before the daemon's reconnect (backoff >= 1 s)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stop = json.loads(out.splitlines()[-1])
+    assert stop["log"] == "stop" and stop["undelivered"] == 0
+    assert listener.wait(lambda li: {e["id"] for e in li.events()} >= set(seen), timeout=15)
+    assert sorted({e["id"] for e in listener.events()}) == sorted(seen)
+    listener.close()
+
+
+def test_a_restarted_daemon_delivers_what_the_last_run_could_not(
+    mosquitto: Any, tmp_path: Path
+) -> None:
+    frames = render_demo()
+    write_frames(frames, tmp_path / "frames")
+    mosquitto.stop()
+    first = run_daemon(
+        tmp_path,
+        "--source",
+        str(tmp_path / "frames"),
+        "--fps",
+        "2",
+        "--broker",
+        mosquitto.url,
+        drain=1,
+    )
+    assert first.returncode == 0, first.stderr
+    stop = json.loads(first.stdout.splitlines()[-1])
+    assert stop["undelivered"] == 2  # arrived and removed wait in the outbox on disk
+    ids = [json.loads(line)["id"] for line in first.stdout.splitlines() if '"event"' in line]
+    mosquitto.start()
+    listener = Listener(mosquitto.url)
+    write_frames(frames[:1], tmp_path / "empty")  # one frame, no parcel: no new event
+    second = run_daemon(tmp_path, "--source", str(tmp_path / "empty"), "--broker", mosquitto.url)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout.splitlines()[-1])["undelivered"] == 0
+    assert listener.wait(lambda li: len(li.events()) >= 2)
+    assert [e["id"] for e in listener.events()] == ids
+    listener.close()
+
+
+def test_jsonl_log_rotates(tmp_path: Path) -> None:
+    from device.logsink import LogSink
+
+    sink = LogSink(tmp_path / "log" / "d.jsonl", max_bytes=2000, backups=2, stdout_format="human")
+    for i in range(200):
+        sink.emit("telemetry", None, i=i, pad="x" * 50)
+    sink.close()
+    files = sorted(p.name for p in (tmp_path / "log").iterdir())
+    assert files == ["d.jsonl", "d.jsonl.1", "d.jsonl.2"]
+    last = [json.loads(line) for line in (tmp_path / "log" / "d.jsonl").read_text().splitlines()]
+    assert last[-1]["i"] == 199 and all(e["log"] == "telemetry" for e in last)
+    assert (tmp_path / "log" / "d.jsonl").stat().st_size <= 2000
+
+
 def test_a_real_video_runs_to_its_end_and_every_event_is_well_formed(
     mosquitto: Any, tmp_path: Path, traffic_video: Path
 ) -> None:
@@ -94,3 +258,17 @@ def test_no_source_is_a_config_error(tmp_path: Path) -> None:
     proc = run_daemon(tmp_path)
     assert proc.returncode == 2
     assert "no `source` configured" in proc.stderr
+
+
+def test_shipped_schemas_match_the_code(tmp_path: Path) -> None:
+    """`doorstep-device schemas` regenerates them; the repo's copies must not drift."""
+    from device.alerts.payloads import write_schemas
+
+    for path in write_schemas(tmp_path):
+        shipped = SCHEMA_DIR / path.name
+        assert shipped.exists(), (
+            f"{shipped} missing: run doorstep-device schemas --out {SCHEMA_DIR}"
+        )
+        assert json.loads(path.read_text()) == json.loads(shipped.read_text()), (
+            f"{shipped} is stale: run doorstep-device schemas --out device/schemas"
+        )

@@ -94,8 +94,26 @@ def test_uint8_input_calibrated_on_a_narrower_range_is_rescaled() -> None:
     """A 0..1 model whose input range was calibrated as 0..0.9: pixel 200 is q = 200/255/(0.9/255)."""
     lut = value_lut(_spec(scale=0.9 / 255))
     assert lut is not None
-    assert lut[200, 0].tolist() == [222, 222, 222]
-    assert lut[255, 0, 0] == 255  # saturates rather than wrapping
+    assert lut.shape == (256,)  # the same for every channel: one table (cv2.LUT's fast path)
+    assert lut[200] == 222
+    assert lut[255] == 255  # saturates rather than wrapping
+
+
+def test_per_channel_normalisation_gets_a_table_per_channel() -> None:
+    spec = _spec(
+        scale=1 / 64,
+        zero_point=128,
+        normalization=Normalization(mean=(123.7, 116.3, 103.5), std=(58.4, 57.1, 57.4)),
+    )
+    lut = value_lut(spec)
+    assert lut is not None and lut.shape == (256, 1, 3)
+    image = np.full((8, 8, 3), 120, np.uint8)
+    tensor, _ = InputTransform(spec)(image)
+    # RGB order: channel 0 is the model's R, normalised with mean 123.7
+    expected = [
+        round((120 - m) / s * 64 + 128) for m, s in ((123.7, 58.4), (116.3, 57.1), (103.5, 57.4))
+    ]
+    assert tensor[0, 0, 0].tolist() == expected
 
 
 def test_ssd_minus_one_to_one_on_the_zoo_models_quantization() -> None:
@@ -108,7 +126,7 @@ def test_ssd_minus_one_to_one_on_the_zoo_models_quantization() -> None:
         )
     )
     assert lut is not None
-    assert [int(lut[p, 0, 0]) for p in (0, 100, 127, 200, 254, 255)] == [0, 100, 127, 201, 255, 255]
+    assert [int(lut[p]) for p in (0, 100, 127, 200, 254, 255)] == [0, 100, 127, 201, 255, 255]
 
 
 def test_int8_input_uses_the_models_zero_point() -> None:

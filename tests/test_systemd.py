@@ -50,6 +50,7 @@ def _daemon(tmp_path: Path, source: str | None, config: str, **env: str) -> subp
     """``doorstep-device run`` in a child process, JSON log lines on its stdout."""
     (tmp_path / "device.yaml").write_text(config)
     cmd = [sys.executable, "-m", "device.cli", "run", "--config", str(tmp_path / "device.yaml")]
+    cmd += ["--log-format", "json"]
     cmd += ["--source", source] if source else []
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}

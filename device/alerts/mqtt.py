@@ -2,7 +2,10 @@
 events through the durable outbox, reconnect with backoff, TLS and passwords.
 
 Topics under ``doorstep/<device_id>/``: ``availability`` (retained online/offline), ``state``
-(retained JSON), ``events`` (QoS 1, not retained, with a message expiry).
+(retained JSON), ``events`` (QoS 1, not retained, with a message expiry), ``snapshot``
+(retained JPEG while a parcel is there, cleared on removal), ``telemetry`` (periodic JSON).
+Home Assistant discovery configs go under ``homeassistant/`` and are sent again whenever Home
+Assistant announces ``online`` on ``homeassistant/status``. Payloads: ``device.alerts.payloads``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class BrokerSettings:
     key_file: Path | None = None
     event_expiry_s: int = 86_400
     keepalive_s: int = 30
+    discovery_prefix: str | None = "homeassistant"  # None: no Home Assistant discovery
 
     def address(self) -> tuple[str, int, bool]:
         u = urlparse(self.url)
@@ -105,7 +109,10 @@ class Publisher:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._state: dict[str, Any] | None = None
+        self._snapshot: bytes | None = None  # b"" once cleared
+        self._discovery: dict[str, dict[str, Any]] = {}
         self.connected = threading.Event()
+        self.client.on_message = self._on_message
 
     # -- lifecycle
     def start(self) -> None:
@@ -130,6 +137,28 @@ class Publisher:
         self._state = state
         if self.connected.is_set():
             self.client.publish(f"{self.base}/state", json.dumps(state), qos=1, retain=True)
+
+    def publish_snapshot(self, jpeg: bytes | None) -> None:
+        """Retain ``jpeg`` on ``snapshot``; ``None`` clears the retained image (parcel gone)."""
+        self._snapshot = jpeg or b""
+        if self.connected.is_set():
+            self.client.publish(f"{self.base}/snapshot", self._snapshot, qos=1, retain=True)
+
+    def publish_telemetry(self, telemetry: dict[str, Any]) -> None:
+        """Best effort (QoS 0, not retained): a missed report is replaced by the next one."""
+        if self.connected.is_set():
+            self.client.publish(f"{self.base}/telemetry", json.dumps(telemetry), qos=0)
+
+    def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
+        """Home Assistant discovery ``{topic: config}``; sent on every (re)connect and whenever
+        Home Assistant comes online."""
+        self._discovery = configs
+        if self.connected.is_set():
+            self._send_discovery()
+
+    def _send_discovery(self) -> None:
+        for topic, config in self._discovery.items():
+            self.client.publish(topic, json.dumps(config), qos=1, retain=True)
 
     def drain(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every stored event; True if the outbox emptied."""
@@ -177,6 +206,11 @@ class Publisher:
         client.publish(f"{self.base}/availability", "online", qos=1, retain=True)
         if self._state is not None:
             client.publish(f"{self.base}/state", json.dumps(self._state), qos=1, retain=True)
+        if self._snapshot is not None:
+            client.publish(f"{self.base}/snapshot", self._snapshot, qos=1, retain=True)
+        if self.broker.discovery_prefix:
+            client.subscribe(f"{self.broker.discovery_prefix}/status", qos=1)
+            self._send_discovery()
         with self._lock:
             self._inflight.clear()  # resend everything not acknowledged; receivers de-duplicate by id
             self._early_acks.clear()
@@ -186,6 +220,10 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None
     ) -> None:
         self.connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/status") and msg.payload == b"online":
+            self._send_discovery()  # Home Assistant restarted and forgot non-retained configs
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, props: Any = None

@@ -24,6 +24,7 @@ from device.detect.model import sha256_file
 from device.errors import BundleError
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def write_bundle(
 def pack_bundle(bundle_dir: str | Path, tar_path: str | Path) -> Path:
     """Pack a bundle into an uncompressed tar for transport (models barely compress).
 
-    Only the manifest and the files it lists go in, so the tar loads wherever the directory does.
+    Only the manifest, its signature (if signed) and the files it lists go in, so the tar loads
+    wherever the directory does.
     """
     src, dest = Path(bundle_dir), Path(tar_path)
     bundle = load_bundle(src)  # never ship a bundle that does not verify
@@ -121,6 +123,8 @@ def pack_bundle(bundle_dir: str | Path, tar_path: str | Path) -> Path:
     try:
         with tarfile.open(part, "w") as tar:
             tar.add(src / MANIFEST, arcname=MANIFEST, recursive=False)
+            if (src / SIGNATURE).is_file():  # the signature travels with the manifest it signs
+                tar.add(src / SIGNATURE, arcname=SIGNATURE, recursive=False)
             for name in sorted(bundle.manifest.files):
                 tar.add(src / name, arcname=name, recursive=False)
         part.replace(dest)
@@ -192,9 +196,8 @@ def _verify_file(file: Path, entry: FileEntry) -> None:
         )
 
 
-def _load_tar(src: Path, verify: bool) -> Bundle:
-    dest = Path(tempfile.mkdtemp(prefix="doorstep-bundle-"))
-    atexit.register(shutil.rmtree, dest, True)  # the model is read from here while in use
+def extract_tar(src: Path, dest: Path) -> None:
+    """Unpack a bundle tar into ``dest`` (created), refusing anything but plain top-level files."""
     try:
         with tarfile.open(src) as tar:
             members = tar.getmembers()
@@ -203,10 +206,17 @@ def _load_tar(src: Path, verify: bool) -> Bundle:
                     raise BundleError(
                         f"{src}: unexpected entry {m.name!r}: a bundle tar holds plain files only"
                     )
+            dest.mkdir(parents=True, exist_ok=True)
             tar.extractall(dest, filter="data")
     except tarfile.TarError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
         raise BundleError(f"{src}: damaged tar: {exc}") from None
+
+
+def _load_tar(src: Path, verify: bool) -> Bundle:
+    dest = Path(tempfile.mkdtemp(prefix="doorstep-bundle-"))
+    atexit.register(shutil.rmtree, dest, True)  # the model is read from here while in use
+    try:
+        extract_tar(src, dest)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -29,6 +29,25 @@ class FrameSource(ABC):
 
     live: bool = False
     dropped: int = 0
+    _capturer: CaptureThread | None = None
+
+    # -- for live sources: a capture thread feeding a latest-frame slot
+    def _start_capture(
+        self, name: str, loop: Callable[[threading.Event, LatestSlot], None]
+    ) -> None:
+        self._capturer = CaptureThread(name, loop)
+        self._capturer.start()
+
+    def _read_captured(self, timeout: float) -> Frame | None:
+        if self._capturer is None:
+            return None
+        frame, self.dropped = self._capturer.read(timeout)
+        return frame
+
+    def _stop_capture(self) -> None:
+        if self._capturer is not None:
+            self._capturer.stop()
+            self._capturer = None
 
     @abstractmethod
     def open(self) -> None: ...

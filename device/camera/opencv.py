@@ -12,7 +12,7 @@ import time
 
 import cv2
 
-from device.camera.base import CaptureThread, Frame, FrameSource, LatestSlot
+from device.camera.base import Frame, FrameSource, LatestSlot
 from device.errors import DoorstepError
 
 
@@ -35,7 +35,6 @@ class OpenCVSource(FrameSource):
         self.live = is_live(self.uri) if live is None else live
         self.reconnect_max_s = reconnect_max_s
         self._cap: cv2.VideoCapture | None = None
-        self._capturer: CaptureThread | None = None
         self._index = 0
         self._rate = 0.0
         self.reconnects = 0
@@ -54,8 +53,7 @@ class OpenCVSource(FrameSource):
         self._rate = self.fps or self._cap.get(cv2.CAP_PROP_FPS) or 10.0
         self._index = 0
         if self.live:
-            self._capturer = CaptureThread("capture", self._capture)
-            self._capturer.start()
+            self._start_capture("capture", self._capture)
 
     def _capture(self, stop: threading.Event, slot: LatestSlot) -> None:
         backoff = 0.5
@@ -87,8 +85,7 @@ class OpenCVSource(FrameSource):
 
     def read(self, timeout: float = 5.0) -> Frame | None:
         if self._capturer is not None:
-            frame, self.dropped = self._capturer.read(timeout)
-            return frame
+            return self._read_captured(timeout)
         assert self._cap is not None
         ok, image = self._cap.read()
         if not ok and self.loop and self._index:
@@ -101,9 +98,7 @@ class OpenCVSource(FrameSource):
         return frame
 
     def close(self) -> None:
-        if self._capturer is not None:
-            self._capturer.stop()
-            self._capturer = None
+        self._stop_capture()
         if self._cap is not None:
             self._cap.release()
             self._cap = None

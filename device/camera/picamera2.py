@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device.camera.base import CaptureThread, Frame, FrameSource, LatestSlot
+from device.camera.base import Frame, FrameSource, LatestSlot
 from device.detect.preprocess import Yuv420Frame
 from device.errors import DoorstepError
 
@@ -39,7 +39,6 @@ class Picamera2Source(FrameSource):
         self.main_size, self.lores_size, self.fps = main_size, lores_size, fps
         self.lores_format, self.camera = lores_format, camera
         self._cam: Any = None
-        self._capturer: CaptureThread | None = None
 
     def open(self) -> None:
         try:
@@ -61,8 +60,7 @@ class Picamera2Source(FrameSource):
         except (RuntimeError, IndexError, OSError) as exc:
             raise DoorstepError(f"camera {self.camera}: cannot start: {exc}") from None
         self._cam = cam
-        self._capturer = CaptureThread("picamera2", self._capture)
-        self._capturer.start()
+        self._start_capture("picamera2", self._capture)
 
     def _capture(self, stop: threading.Event, slot: LatestSlot) -> None:
         index = 0
@@ -84,15 +82,10 @@ class Picamera2Source(FrameSource):
             index += 1
 
     def read(self, timeout: float = 5.0) -> Frame | None:
-        if self._capturer is None:
-            return None
-        frame, self.dropped = self._capturer.read(timeout)
-        return frame
+        return self._read_captured(timeout)
 
     def close(self) -> None:
-        if self._capturer is not None:
-            self._capturer.stop()
-            self._capturer = None
+        self._stop_capture()
         if self._cam is not None:
             self._cam.stop()
             self._cam.close()

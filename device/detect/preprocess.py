@@ -103,6 +103,8 @@ def value_lut(spec: InputSpec) -> np.ndarray | None:
     if spec.dtype == "uint8" and np.array_equal(q, np.repeat(np.arange(256)[:, None], 3, axis=1)):
         return None
     table: np.ndarray = q.astype(np.int8 if spec.dtype == "int8" else np.uint8).view(np.uint8)
+    if (table == table[:, :1]).all():
+        return np.ascontiguousarray(table[:, 0])  # one table for all channels: twice as fast
     return table.reshape(256, 1, 3)
 
 

@@ -67,8 +67,12 @@ class SsdRawDecoder(Decoder):
             best = probs.argmax(axis=1)
             return best, probs[np.arange(len(best)), best]
         cls = raw[:, self._first :]
-        best = cls.argmax(axis=1)
-        best_real = scores.real(cls[np.arange(len(best)), best])
+        if cls.shape[1] == 1:  # one class (the parcel model): no argmax, no gather
+            best = np.zeros(len(cls), dtype=np.int64)
+            best_real = scores.real(cls[:, 0])
+        else:
+            best = cls.argmax(axis=1)
+            best_real = scores.real(cls[np.arange(len(best)), best])
         require_finite(best_real, scores)
         if act == "sigmoid":
             best_real = 1.0 / (1.0 + np.exp(-best_real))
