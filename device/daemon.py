@@ -418,17 +418,23 @@ class Daemon:
         return 0
 
     def _frame(self, frame: Frame, t_start: float) -> None:
-        tel = self.telemetry
+        """Preprocess (the lores stream when the camera gives one), gate on motion at the
+        model's size, then invoke, decode and track."""
+        tel, det = self.telemetry, self.det
+        h, w = frame.image.shape[:2]
+        src = frame.lores if frame.lores is not None else frame.image
+        det.prepare(src)
         if self.cfg.motion.enabled:
-            run = self.gate.should_run(frame.image, frame.t)
-            t_motion = time.perf_counter()
-            tel.stage("motion", (t_motion - t_start) * 1e3)
+            t_gate = time.perf_counter()
+            run = self.gate.should_run(det.transform.canvas, frame.t)
+            tel.stage("motion", (time.perf_counter() - t_gate) * 1e3)
             if not run:
+                tel.stage("preprocess", det.prepared_ms)
                 tel.total.skipped += 1
                 return
         tel.total.inferences += 1
         self.health.inference()
-        h, w = frame.image.shape[:2]
+        dets = det.run()
         if frame.lores is not None:
             lores = frame.lores
             lw, lh = (
@@ -436,10 +442,8 @@ class Daemon:
                 if isinstance(lores, Yuv420Frame)
                 else lores.shape[1::-1]
             )
-            dets = _scale(self.det.detect(lores), w / lw, h / lh)
-        else:
-            dets = self.det.detect(frame.image)
-        st = self.det.last_times
+            dets = _scale(dets, w / lw, h / lh)
+        st = det.last_times
         tel.stage("preprocess", st.preprocess)
         tel.stage("invoke", st.invoke)
         tel.stage("decode", st.decode)

@@ -51,7 +51,7 @@ class EmbeddedBroker:
 
     def __init__(self, prefer: str = "auto") -> None:
         if prefer not in ("auto", "mosquitto", "amqtt"):
-            raise ValueError(prefer)
+            raise DoorstepError(f"embedded broker {prefer!r}: choose auto, mosquitto or amqtt")
         self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self._mosquitto = find_mosquitto() if prefer in ("auto", "mosquitto") else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -194,7 +195,8 @@ def run_daemon_demo(out: Path, model: Path) -> int:
     from host.broker import EmbeddedBroker
     from host.watch import Message, Watcher, describe
 
-    with EmbeddedBroker() as broker:
+    # DOORSTEP_DEMO_BROKER=amqtt|mosquitto picks one (default: mosquitto when installed)
+    with EmbeddedBroker(prefer=os.environ.get("DOORSTEP_DEMO_BROKER", "auto")) as broker:
         _step(
             5,
             f"doorstep-device run on those frames, publishing to an embedded {broker.kind} broker "
@@ -209,7 +211,7 @@ def run_daemon_demo(out: Path, model: Path) -> int:
         def show(msg: Message) -> None:
             line = describe(msg)
             if line is not None:
-                print(f"      subscriber: {line}", file=sys.stderr, flush=True)
+                print(f"      subscriber: {line}", flush=True)
 
         watcher = Watcher(BrokerSettings(broker.url, broker.protocol), on_message=show).start()
         watcher.subscribed.wait(10)

@@ -186,15 +186,27 @@ class Detector:
             )
         self.interpreter.set_tensor(self._input_index, tensor)
 
-    def infer(self, frame: np.ndarray | Yuv420Frame) -> tuple[dict[str, Output], Geometry]:
-        """Preprocess and invoke; return the raw outputs and the frame geometry."""
+    def prepare(self, frame: np.ndarray | Yuv420Frame) -> Geometry:
+        """Preprocess ``frame`` into the model's input (the first half of :meth:`detect`).
+
+        ``self.transform.canvas`` then holds the frame at the model's size (uint8), which the
+        daemon's motion gate reads instead of touching the full frame again."""
         t0 = time.perf_counter()
         tensor, geo = self.transform(frame)
         self.set_input(tensor)
-        t1 = time.perf_counter()
+        self._prepared = (geo, t0, time.perf_counter())
+        return geo
+
+    @property
+    def prepared_ms(self) -> float:
+        """Milliseconds the last :meth:`prepare` took."""
+        _, t0, t1 = self._prepared
+        return (t1 - t0) * 1e3
+
+    def infer(self, frame: np.ndarray | Yuv420Frame) -> tuple[dict[str, Output], Geometry]:
+        """Preprocess and invoke; return the raw outputs and the frame geometry."""
+        geo = self.prepare(frame)
         self.interpreter.invoke()
-        t2 = time.perf_counter()
-        self._t = (t0, t1, t2)
         return self._outputs_now(), geo
 
     def decode(self, outputs: Mapping[str, Output], geo: Geometry) -> list[Detection]:
@@ -224,11 +236,18 @@ class Detector:
 
     def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:
         """Detections on one frame, best first, with boxes in the frame's pixels."""
-        outputs, geo = self.infer(frame)
+        self.prepare(frame)
+        return self.run()
+
+    def run(self) -> list[Detection]:
+        """Invoke on the input :meth:`prepare` set, and decode (the second half of detect)."""
+        geo, t0, t1 = self._prepared
+        self.interpreter.invoke()
+        t2 = time.perf_counter()
+        outputs = self._outputs_now()
         self._last_outputs = outputs
         dets = self.decode(outputs, geo)
         t3 = time.perf_counter()
-        t0, t1, t2 = self._t
         self.last_times = StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return dets
 

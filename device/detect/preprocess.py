@@ -120,6 +120,7 @@ class InputTransform:
         self._inv_std = 1.0 / np.asarray(spec.normalization.std, dtype=np.float32)
         self._canvas = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
         self._canvas_geo: Geometry | None = None
+        self.canvas: np.ndarray = self._canvas
 
     def geometry(self, src_w: int, src_h: int) -> Geometry:
         w, h = self.size
@@ -158,6 +159,7 @@ class InputTransform:
                 if (nw, nh) == (src_w, src_h)
                 else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
             )
+        self.canvas = canvas  # the frame at the model's size, BGR uint8 (motion gating)
         if self._swap:
             canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
         if self.spec.dtype == "float32":

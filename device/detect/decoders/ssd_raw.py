@@ -78,17 +78,45 @@ class SsdRawDecoder(Decoder):
             best_real = 1.0 / (1.0 + np.exp(-best_real))
         return best, best_real
 
+    def _keep_monotonic(
+        self, scores: Output, score_threshold: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sigmoid or no activation: threshold the stored values (the activation and the
+        dequantization are monotonic), so only the survivors are dequantized and activated."""
+        raw = scores.data.reshape(-1, scores.data.shape[-1])[:, self._first :]
+        if raw.shape[1] == 1:
+            best_raw = raw[:, 0]
+            best = np.zeros(len(best_raw), dtype=np.int64)
+        else:
+            best = raw.argmax(axis=1)
+            best_raw = np.take_along_axis(raw, best[:, None], axis=1)[:, 0]
+        require_finite(scores.real(best_raw.max(keepdims=True)), scores)  # NaN propagates to max
+        t = score_threshold
+        if self.params.score_activation == "sigmoid":
+            t = -np.inf if t <= 0 else np.inf if t >= 1 else float(np.log(t / (1 - t)))
+        keep = np.flatnonzero(best_raw >= scores.raw_threshold(t))
+        real = scores.real(best_raw[keep])
+        if self.params.score_activation == "sigmoid":
+            real = 1.0 / (1.0 + np.exp(-real))
+        return keep, best[keep], real
+
     def decode(self, outputs: Mapping[str, Output], score_threshold: float) -> Candidates:
         enc_out, score_out = outputs["boxes"], outputs["scores"]
-        best, best_score = self._class_scores(score_out)
-        keep = np.flatnonzero(best_score >= score_threshold)
+        if self.params.score_activation == "softmax":
+            best, best_score = self._class_scores(score_out)
+            keep = np.flatnonzero(best_score >= score_threshold)
+            best, best_score = best[keep], best_score[keep]
+        else:
+            keep, best, best_score = self._keep_monotonic(score_out, score_threshold)
         if not keep.size:
             return Candidates.empty()
         enc = enc_out.real(enc_out.data.reshape(-1, 4)[keep])
         require_finite(enc, enc_out)
         boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
         return Candidates(
-            (boxes * self._scale).astype(np.float32), best_score[keep], best[keep].astype(np.int64)
+            (boxes * self._scale).astype(np.float32),
+            best_score.astype(np.float32),
+            best.astype(np.int64),
         )
 
     def peak_score(self, outputs: Mapping[str, Output]) -> float:
