@@ -13,6 +13,7 @@ from device import __version__
 from device.cliutil import formatter, parse_threads, run
 from device.errors import DoorstepError
 
+DEFAULT_CONFIG = "/etc/doorstep/device.yaml"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -560,14 +561,18 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def _store_args(args: argparse.Namespace) -> tuple[Any, list[Any], str]:
     """The store, the trusted keys and the service name from --config / --state-dir."""
-    from device.config import load_config
     from device.install import Store, trusted_keys
 
     keys_files: list[Path] = [Path(k) for k in getattr(args, "public_key", [])]
     service = "doorstep-device"
     state_dir = Path(args.state_dir) if args.state_dir else None
-    if args.config:
-        cfg = load_config(args.config)
+    config = args.config
+    if config is None and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG  # the service's own config: its signing keys always apply
+    if config:
+        from device.config import load_config  # pydantic: only when there is a config to read
+
+        cfg = load_config(config)
         keys_files += cfg.signing.public_keys
         service = cfg.signing.service
         state_dir = state_dir or Path(cfg.state_dir)

@@ -21,8 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from device.bundle.store import format_validation_error
-from device.errors import ConfigError
+from device.errors import ConfigError, format_validation_error
 from device.power import PowerConfig
 
 

@@ -106,17 +106,45 @@ def self_test(det: Detector) -> dict[str, Any]:
     return {"ok": True, "ms": round(ms, 2), "time": round(time.time(), 3), "error": None}
 
 
-def model_path(cfg: DeviceConfig) -> Path | None:
-    """``model.path``, else the deployed ``<state_dir>/current``, else None (the shipped model)."""
+def model_candidates(cfg: DeviceConfig) -> list[Path | None]:
+    """What to load, in order: ``model.path`` if set; else the deployed ``current``, then
+    ``previous``, then the shipped model (None), so a bad deployment never leaves a doorbell
+    without a model after a restart."""
     if cfg.model.path is not None:
-        return cfg.model.path
-    current = Store(Path(cfg.state_dir)).current
-    return current.resolve() if current.exists() else None
+        return [cfg.model.path]
+    store = Store(Path(cfg.state_dir))
+    links = [link.resolve() for link in (store.current, store.previous) if link.exists()]
+    return [*links, None]
 
 
-def open_detector(cfg: DeviceConfig) -> tuple[Detector, Path | None]:
-    """The configured model, its signature checked when ``signing.public_keys`` is set."""
-    path = model_path(cfg)
+def open_detector(cfg: DeviceConfig, fallback: bool = False) -> tuple[Detector, Path | None]:
+    """The configured model, its signature checked when ``signing.public_keys`` is set; with
+    ``fallback``, the first candidate that loads and passes its self-test."""
+    candidates = model_candidates(cfg)
+    if not fallback:
+        candidates = candidates[:1]
+    problems: list[str] = []
+    for i, path in enumerate(candidates):
+        try:
+            det = _open_one(cfg, path)
+            if len(candidates) > 1:  # choosing among fallbacks: the self-test decides
+                test = self_test(det)
+                if not test["ok"]:
+                    raise DoorstepError(f"self-test inference failed: {test['error']}")
+            if i:
+                print(
+                    f"doorstep: fell back to {path or 'the shipped model'}: " + "; ".join(problems),
+                    file=sys.stderr,
+                )
+            return det, path
+        except DoorstepError as exc:
+            if i == len(candidates) - 1:
+                raise DoorstepError("; ".join([*problems, str(exc)])) from None
+            problems.append(f"{path}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _open_one(cfg: DeviceConfig, path: Path | None) -> Detector:
     opts = cfg.model.detector_options()
     if cfg.signing.public_keys and path is not None:
         if path.suffix == ".tflite":
@@ -124,9 +152,8 @@ def open_detector(cfg: DeviceConfig) -> tuple[Detector, Path | None]:
                 f"{path}: signing.public_keys is set, and a bare .tflite carries no signature: "
                 "bundle and sign it (doorstep-host sign)"
             )
-        bundle = load_checked(path.resolve(), trusted_keys(cfg.signing.public_keys))
-        return Detector(bundle, **opts), path
-    return Detector.open(path, cfg.model.labels, **opts), path
+        return Detector(load_checked(path, trusted_keys(cfg.signing.public_keys)), **opts)
+    return Detector.open(path, cfg.model.labels, **opts)
 
 
 class Health:
@@ -219,13 +246,14 @@ class Daemon:
             # saves; give the whole pipeline the interpreter's thread budget.
             cv2.setNumThreads(cfg.model.num_threads)
         self.store = Store(Path(cfg.state_dir))
-        self.det, self.model_dir = open_detector(cfg)
+        self.det, self.model_dir = open_detector(cfg, fallback=True)
         self.sha = model_sha(self.det)
         self.test = self_test(self.det)
         if not self.test["ok"]:
             raise DoorstepError(f"the model failed its self-test inference: {self.test['error']}")
         self.started = round(time.time(), 3)
         self.last_reload: dict[str, Any] | None = None
+        self.last_event: dict[str, Any] | None = None
         roles = self.det.manifest.labels.roles
         p = cfg.presence
         self.tracker = PresenceTracker(
@@ -319,6 +347,7 @@ class Daemon:
                 "model": {"name": m.name, "version": m.version},
                 "self_test": self.test,
                 "last_reload": self.last_reload,
+                "last_event": self.last_event,
                 "started": self.started,
                 "updated": round(time.time(), 3),
             },
@@ -464,8 +493,10 @@ class Daemon:
             if self.publisher is not None:
                 self.publisher.publish_event(payload)
                 self._snapshot(frame, event)
+            self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
         if events:
             self._publish_state()
+            self._record()
         t_end = time.perf_counter()
         tel.stage("publish", (t_end - t_p1) * 1e3)
         tel.stage("pipeline", (t_end - t_start) * 1e3)

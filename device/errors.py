@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DoorstepError(Exception):
     """Base of every error the command-line tools report as a one-line message (exit code 2)."""
@@ -29,3 +31,15 @@ class DetectorError(DoorstepError):
 
 class CollapsedScoresError(DetectorError):
     """Every class score is zero on a frame that should show something: a collapsed quantization."""
+
+
+def format_validation_error(exc: Any, where: str) -> str:
+    """A pydantic ``ValidationError`` as one line per problem: ``where: key.path: reason (got
+    value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"{where}: {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)

@@ -15,7 +15,6 @@ one (``rename(2)`` is atomic), never by ``ln -sfn`` (unlink, then link: a moment
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,11 +23,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from device.bundle.signing import bundle_id, load_public_keys, load_signed_bundle
-from device.bundle.store import Bundle, extract_tar, load_bundle
-from device.errors import BundleError, DoorstepError
+from device.errors import DoorstepError
+from device.hashing import sha256_file
+
+if TYPE_CHECKING:  # the bundle and signing modules load pydantic, numpy, cryptography: only
+    from device.bundle.store import Bundle  # the commands that verify a bundle import them
 
 ReloadMethod = Literal["auto", "systemd", "signal", "none"]
 
@@ -88,11 +89,18 @@ class Store:
 
 
 def trusted_keys(paths: list[Path]) -> list[Any]:
-    return load_public_keys(paths) if paths else []
+    if not paths:
+        return []
+    from device.bundle.signing import load_public_keys
+
+    return load_public_keys(paths)
 
 
 def load_checked(path: Path, keys: list[Any]) -> Bundle:
     """Load and verify a bundle; with trusted keys, its signature must verify too."""
+    from device.bundle.signing import load_signed_bundle
+    from device.bundle.store import load_bundle
+
     if keys:
         bundle, _ = load_signed_bundle(path, keys)
         return bundle
@@ -102,17 +110,12 @@ def load_checked(path: Path, keys: list[Any]) -> Bundle:
 # ---------------------------------------------------------------------------------- commands
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any]) -> Path:
     """Turn an uploaded tar into ``models/<ident>``: check its sha256, extract it beside the
     store, verify every file (and the signature), check its id, rename it into place."""
+    from device.bundle.signing import bundle_id
+    from device.bundle.store import extract_tar
+
     final = store.model_dir(ident)
     if final.is_dir():
         load_checked(final, keys)  # already installed: still must verify
@@ -120,7 +123,7 @@ def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any
         return final
     if not tar.is_file():
         raise InstallError(f"{tar}: no such upload")
-    actual = _sha256(tar)
+    actual = sha256_file(tar)
     if actual != tar_sha256:
         tar.unlink()  # a resumed upload must not build on corrupt bytes
         raise InstallError(
@@ -173,7 +176,12 @@ def rollback(store: Store, keys: list[Any]) -> dict[str, str | None]:
     """Swap ``current`` and ``previous``."""
     prev, cur = store.linked(store.previous), store.linked(store.current)
     if prev is None or not store.model_dir(prev).is_dir():
-        raise InstallError(f"{store.state_dir}: no previous model to roll back to")
+        if cur is None:
+            raise InstallError(f"{store.state_dir}: no deployed model to roll back from")
+        # The first deployment failed: drop `current`, so the daemon falls back to the model
+        # its config names (or the one shipped with doorstep).
+        store.current.unlink()
+        return {"active": None, "previous": cur}
     load_checked(store.model_dir(prev), keys)
     _relink(store.current, f"models/{prev}")
     if cur is not None:
@@ -252,16 +260,20 @@ def reload_daemon(store: Store, method: ReloadMethod, service: str) -> str:
 
 
 def _describe(store: Store, ident: str | None) -> dict[str, Any] | None:
+    """Name, version and model sha256 of a stored bundle, read straight from its manifest (the
+    status command must stay cheap: no schema validation, no hashing)."""
     if ident is None:
         return None
     out: dict[str, Any] = {"id": ident, "name": None, "version": None, "model_sha256": None}
     try:
-        m = load_bundle(store.model_dir(ident), verify=False).manifest
-    except BundleError as exc:
-        out["error"] = str(exc)
-        return out
-    entry = m.files.get(m.model_file)
-    out.update(name=m.name, version=m.version, model_sha256=entry.sha256 if entry else None)
+        m = json.loads((store.model_dir(ident) / "manifest.json").read_text())
+        out.update(
+            name=m.get("name"),
+            version=m.get("version"),
+            model_sha256=m["files"][m.get("model_file", "model.tflite")]["sha256"],
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        out["error"] = f"unreadable manifest: {exc}"
     return out
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from device import __version__
 from device.cliutil import formatter, parse_threads, run
+from host.fleet.commands import COMMANDS as FLEET_COMMANDS
+from host.fleet.commands import add_parsers as add_fleet_parsers
 
 DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
 
@@ -16,13 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorstep-host",
         formatter_class=formatter,
-        description="Prepare detectors for doorstep doorbells: train, quantize, evaluate, bundle, bench.",
+        description="Prepare detectors for doorstep doorbells (train, quantize, evaluate, bundle, "
+        "bench) and run the fleet (sign, deploy, rollback, status, watch).",
         epilog="examples:\n"
         "  doorstep-host bundle detect.tflite --labels labels.txt --out ssd-bundle/\n"
         "  doorstep-host quantize detector.keras --labels labels.txt --calib photos/ --out int8/\n"
         "  doorstep-host evaluate int8/ --data labeled/\n"
         "  doorstep-host bench float.tflite int8/\n"
-        "  doorstep-host demo --out demo/",
+        "  doorstep-host demo --out demo/\n"
+        "  doorstep-host sign int8/ --key keys/signing.key\n"
+        "  doorstep-host deploy int8/ --fleet configs/fleet.yaml --dry-run",
     )
     parser.add_argument("--version", action="version", version=f"doorstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -294,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--telemetry", action="store_true", help="also show telemetry reports (JSON only)"
     )
+
+    add_fleet_parsers(sub)  # keygen, sign, deploy, rollback, status, bench-deploy
     return parser
 
 
@@ -433,6 +440,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "watch": cmd_watch,
+    **FLEET_COMMANDS,
 }
 
 

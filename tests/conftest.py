@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import modelgen  # noqa: E402
 from brokers import MQTT_USERS, BrokerMissingError, Mosquitto, Pki, make_pki  # noqa: E402
+from sshd import ssh_fleet  # noqa: E402, F401
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 

@@ -66,6 +66,12 @@ def test_relative_model_paths_resolve_against_the_config(tmp_path: Path) -> None
             "device.yaml:2:1: invalid YAML: duplicate key 'device_id'",
         ),
         ("device_id: [d1\n", "invalid YAML"),
+        ("device_id: d1\npower:\n  type: ina999\n", "power: Input tag 'ina999' found using 'type'"),
+        ("device_id: d1\npower:\n  type: ina219\n  address: 0x10\n", "power.ina219.address"),
+        ("device_id: d1\ntelemetry:\n  interval_s: 0\n", "telemetry.interval_s"),
+        ("device_id: d1\nsigning:\n  public_keys: [nope.pub]\n", "signing.public_keys"),
+        ("device_id: d1\nmqtt:\n  snapshot_quality: 101\n", "mqtt.snapshot_quality"),
+        ("device_id: d1\nsource:\n  type: still\n  path: nope.png\n", "source.still.path"),
     ],
 )
 def test_bad_configs_are_refused_with_key_path_and_reason(

@@ -73,6 +73,12 @@ def test_install_activate_rollback_and_prune(tmp_path: Path) -> None:
     assert st["active"]["model_sha256"] and st["free_bytes"] > 0 and len(st["stored"]) == 4
     assert rollback(store, []) == {"active": dirs[0].name, "previous": dirs[1].name}
     # keep 1: the two others go; current and previous stay whatever their age
+    # a first deployment rolled back: `current` goes, the daemon falls back to its config's model
+    first = Store(tmp_path / "first")
+    only = installed(first, variant(tmp_path, "only"), tmp_path)
+    activate(first, only, [])
+    assert rollback(first, []) == {"active": None, "previous": only.name}
+    assert not first.current.exists() and status(first)["active"] is None
     gone = prune(store, keep=1)
     assert sorted(gone) == sorted([dirs[2].name, dirs[3].name])
     assert sorted(store.stored()) == sorted([dirs[0].name, dirs[1].name])
@@ -214,6 +220,26 @@ def test_store_commands_need_a_state_dir(tmp_path: Path) -> None:
     out = device_cli("status")
     assert out.returncode == 2 and "--state-dir DIR or --config FILE" in out.stderr
     out = device_cli("rollback", "--state-dir", str(tmp_path))
-    assert out.returncode == 2 and "no previous model" in out.stderr
+    assert out.returncode == 2 and "no deployed model to roll back from" in out.stderr
     out = device_cli("activate", str(tmp_path), "--state-dir", str(tmp_path / "s"))
     assert out.returncode == 2 and "install it first" in out.stderr
+
+
+def test_a_restart_on_a_bad_deployment_falls_back(tmp_path: Path, testmodels: Path) -> None:
+    """The daemon starts on `previous` (then the shipped model) when `current` fails."""
+    from device.config import load_config
+    from device.daemon import open_detector, self_test
+
+    store = Store(tmp_path / "state")
+    good = installed(store, variant(tmp_path, "good"), tmp_path)
+    bad = installed(store, collapsed_bundle(testmodels, tmp_path), tmp_path)
+    activate(store, good, [])
+    activate(store, bad, [])  # current: the collapsed model; previous: the good one
+    cfg = load_config(_daemon_config(tmp_path, store, None))
+    det, path = open_detector(cfg, fallback=True)
+    assert path == good and det.manifest.version == "good"
+    store.previous.unlink()
+    det, path = open_detector(cfg, fallback=True)
+    assert path is None and det.manifest.name == "doorstep-parcel-ssd"  # the shipped model
+    det, _ = open_detector(cfg)  # a reload takes `current` only, and its self-test fails
+    assert "collapsed" in (self_test(det)["error"] or "")

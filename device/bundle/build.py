@@ -17,8 +17,9 @@ from device import __version__
 from device.bundle.manifest import FileEntry, Labels, Manifest, Normalization, Thresholds
 from device.bundle.store import Bundle
 from device.detect.layout import default_input_spec, detect_layout
-from device.detect.model import ModelFacts, read_model_facts, sha256_file
+from device.detect.model import ModelFacts, read_model_facts
 from device.errors import BundleError, LabelsError, ModelError
+from device.hashing import sha256_file
 from device.labels import read_labels
 
 ROLE_NAMES = {

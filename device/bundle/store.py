@@ -20,8 +20,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from device.bundle.manifest import SCHEMA_VERSION, FileEntry, Manifest
-from device.detect.model import sha256_file
-from device.errors import BundleError
+from device.errors import BundleError, format_validation_error
+from device.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -45,17 +45,6 @@ class Bundle:
             return self.paths[name]
         except KeyError:
             raise BundleError(f"{self.source}: bundle has no file {name!r}") from None
-
-
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line per problem: ``where: key.path: reason (got value)``."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = err.get("input")
-        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        lines.append(f"{where}: {loc}: {err['msg']}{shown}")
-    return "\n".join(lines)
 
 
 def write_bundle(

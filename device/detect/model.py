@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from device.detect.runtime import open_interpreter, runtime_version
+from device.hashing import sha256_file
 
 POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 POSTPROCESS_ROLES = ("boxes", "classes", "scores", "count")
@@ -60,14 +60,6 @@ class ModelFacts:
     ops: dict[str, int] = field(default_factory=dict)
     postprocess: PostprocessFacts | None = None
     tensor_count: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensor_facts(detail: dict[str, Any]) -> TensorFacts:

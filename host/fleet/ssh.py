@@ -1,0 +1,536 @@
+"""SSH to the doorbells: connect with checked host keys, run commands, upload with resume.
+
+A thin layer over asyncssh that turns its many exceptions into one family, :class:`DeviceError`,
+whose message names the device, says what failed and what to do. Host keys are always checked
+against a known_hosts file (``~/.ssh/known_hosts`` unless the target names another); there is no
+switch to turn that off: add the device's key to known_hosts instead.
+
+Typical use::
+
+    async with connect(target) as conn:
+        await conn.upload("bundle.tar", "/var/lib/doorstep/incoming/bundle.tar")
+        digest = await conn.sha256("/var/lib/doorstep/incoming/bundle.tar.part")
+
+and for many devices, :func:`run_all` with a bound on how many run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import re
+import shlex
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+
+import asyncssh
+
+from device.errors import DoorstepError
+
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+#: How much of the end of a partial upload is compared with the local file before resuming.
+RESUME_CHECK_BYTES = 64 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+T = TypeVar("T")
+R = TypeVar("R")
+ProgressFn = Callable[[int, int], None]
+"""Called with (bytes on the device so far, total bytes) as an upload advances."""
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+class DeviceError(DoorstepError):
+    """Something failed on one device, or on the way to it; the message starts with its name."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(f"{device}: {reason}")
+        self.device = device
+        self.reason = reason
+
+
+class UnreachableError(DeviceError):
+    """No SSH server answered: the device is off, off the network, or sshd is not running."""
+
+
+class HostKeyError(DeviceError):
+    """The device's host key is not in known_hosts, or differs from the one recorded there."""
+
+
+class AuthError(DeviceError):
+    """The device refused the client key for the configured user."""
+
+
+class CommandError(DeviceError):
+    """A command ran and failed (non-zero exit, a signal, or a timeout)."""
+
+    def __init__(
+        self, device: str, reason: str, *, command: str, exit_status: int | None, stderr: str
+    ) -> None:
+        super().__init__(device, reason)
+        self.command = command
+        self.exit_status = exit_status
+        self.stderr = stderr
+
+
+class TransferError(DeviceError):
+    """An upload failed; the partial file stays on the device so a re-run resumes it."""
+
+
+# ------------------------------------------------------------------------------------ target
+
+
+class SshTarget(Protocol):
+    """Where a device is and how to log in to it.
+
+    ``host.fleet.inventory.Device`` satisfies this as it is; :class:`Target` is a plain one.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def user(self) -> str | None:
+        """login user; None uses ~/.ssh/config or the local user name, as ``ssh`` does"""
+
+    @property
+    def key_file(self) -> Path | None:
+        """private key to log in with; None uses the ssh agent and the default ~/.ssh/id_* keys"""
+
+    @property
+    def known_hosts(self) -> Path | None:
+        """file of trusted host keys; None means ~/.ssh/known_hosts"""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A plain :class:`SshTarget`."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str | None = None
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+
+
+class CommandResult(NamedTuple):
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class UploadResult(NamedTuple):
+    part: str
+    """the remote ``.part`` file now holding the whole upload (not yet verified or renamed)"""
+    size: int
+    resumed_from: int
+    """bytes that were already on the device and not sent again"""
+
+
+# -------------------------------------------------------------------------------- connection
+
+
+class Connection:
+    """An open SSH connection to one device. Close it, or use it as ``async with``."""
+
+    def __init__(self, target: SshTarget, conn: asyncssh.SSHClientConnection) -> None:
+        self.target = target
+        self._conn = conn
+        self._sftp: asyncssh.SFTPClient | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.exit()
+            self._sftp = None
+        self._conn.close()
+        await self._conn.wait_closed()
+
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = 300.0,
+        input: str | None = None,
+    ) -> CommandResult:
+        """Run ``command`` on the device (a shell string, or an argv list that is quoted for you).
+
+        With ``check`` a non-zero exit raises :class:`CommandError` with the exit code and the
+        tail of stderr; without it the result is returned whatever the exit status.
+        """
+        line = command if isinstance(command, str) else shlex.join(command)
+        shown = _shorten(line)
+        try:
+            done = await self._conn.run(line, check=False, timeout=timeout, input=input)
+        except asyncssh.TimeoutError as exc:
+            raise CommandError(
+                self.name,
+                f"`{shown}` did not finish within {timeout:g} s",
+                command=line,
+                exit_status=None,
+                stderr=_text(exc.stderr),
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise _connection_lost(self.name, f"running `{shown}`", exc) from None
+        stdout, stderr = _text(done.stdout), _text(done.stderr)
+        if done.exit_signal is not None:
+            signal_name = done.exit_signal[0]
+            raise CommandError(
+                self.name,
+                f"`{shown}` was killed by signal {signal_name}{_tail(stderr)}",
+                command=line,
+                exit_status=None,
+                stderr=stderr,
+            )
+        status = done.exit_status if done.exit_status is not None else -1
+        if check and status != 0:
+            raise CommandError(
+                self.name,
+                f"`{shown}` failed with exit code {status}{_tail(stderr)}",
+                command=line,
+                exit_status=status,
+                stderr=stderr,
+            )
+        return CommandResult(status, stdout, stderr)
+
+    async def upload(
+        self,
+        local_path: str | Path,
+        remote_path: str,
+        *,
+        progress: ProgressFn | None = None,
+        resume: bool = True,
+        chunk_size: int = 1 << 20,
+    ) -> UploadResult:
+        """Copy ``local_path`` to ``remote_path + ".part"`` over SFTP; return where it landed.
+
+        With ``resume``, a ``.part`` already on the device that is no longer than the file and
+        whose last bytes match the file at that offset is continued rather than sent again (a
+        cheap check, not a proof: verify the whole file with :meth:`sha256` before using it).
+        The caller verifies and renames; this never touches ``remote_path`` itself.
+        """
+        local = Path(local_path)
+        try:
+            size = local.stat().st_size
+        except OSError as exc:
+            raise TransferError(self.name, f"cannot read {local}: {exc.strerror}") from None
+        part = remote_path + ".part"
+        try:
+            sftp = await self._sftp_client()
+            parent = posixpath.dirname(part)
+            if parent:
+                await sftp.makedirs(parent, exist_ok=True)
+            offset = await self._resume_offset(sftp, local, part, size) if resume else 0
+            with local.open("rb") as src:
+                src.seek(offset)
+                async with sftp.open(part, "r+b" if offset else "wb") as dst:
+                    done = offset
+                    if progress is not None:
+                        progress(done, size)
+                    while chunk := src.read(chunk_size):
+                        await dst.write(chunk, done)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, size)
+        except asyncssh.SFTPError as exc:
+            raise TransferError(
+                self.name, f"uploading {local.name} to {part} failed: {exc.reason}"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise _connection_lost(
+                self.name, f"uploading {local.name} to {part} (a re-run resumes it)", exc
+            ) from None
+        return UploadResult(part=part, size=size, resumed_from=offset)
+
+    async def sha256(self, remote_path: str) -> str:
+        """The sha256 of a file on the device, computed there (``sha256sum``, from coreutils)."""
+        result = await self.run(f"sha256sum < {shlex.quote(remote_path)}", timeout=600.0)
+        digest = result.stdout.split(maxsplit=1)[0] if result.stdout.strip() else ""
+        if not _SHA256.match(digest):
+            raise CommandError(
+                self.name,
+                f"sha256sum of {remote_path} printed {result.stdout.strip()[:80]!r}, not a digest",
+                command="sha256sum",
+                exit_status=result.exit_status,
+                stderr=result.stderr,
+            )
+        return digest
+
+    async def read_file(self, remote_path: str, limit: int = 1 << 20) -> bytes | None:
+        """The bytes of a small file on the device over SFTP (no process started there), or
+        None when it does not exist. Reads at most ``limit`` bytes."""
+        try:
+            sftp = await self._sftp_client()
+            async with sftp.open(remote_path, "rb") as fh:
+                data: object = await fh.read(limit)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        except asyncssh.SFTPError as exc:
+            raise TransferError(self.name, f"reading {remote_path} failed: {exc.reason}") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise _connection_lost(self.name, f"reading {remote_path}", exc) from None
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    async def exists(self, remote_path: str) -> bool:
+        """Whether a path exists on the device (an SFTP stat; no process started there)."""
+        try:
+            sftp = await self._sftp_client()
+            return bool(await sftp.exists(remote_path))
+        except asyncssh.SFTPError as exc:
+            raise TransferError(self.name, f"checking {remote_path} failed: {exc.reason}") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise _connection_lost(self.name, f"checking {remote_path}", exc) from None
+
+    async def rename(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` on the device atomically, replacing ``dst`` if it exists."""
+        try:
+            sftp = await self._sftp_client()
+            await sftp.posix_rename(src, dst)
+        except asyncssh.SFTPError as exc:
+            raise TransferError(
+                self.name, f"renaming {src} to {dst} failed: {exc.reason}"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise _connection_lost(self.name, f"renaming {src}", exc) from None
+
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        if self._sftp is None:
+            self._sftp = await self._conn.start_sftp_client()
+        return self._sftp
+
+    @staticmethod
+    async def _resume_offset(sftp: asyncssh.SFTPClient, local: Path, part: str, size: int) -> int:
+        try:
+            existing = (await sftp.stat(part)).size or 0
+        except asyncssh.SFTPNoSuchFile:
+            return 0
+        if existing == 0 or existing > size:
+            return 0
+        window = min(existing, RESUME_CHECK_BYTES)
+        async with sftp.open(part, "rb") as remote:
+            theirs: object = await remote.read(window, existing - window)  # bytes: 'rb'
+        with local.open("rb") as src:
+            src.seek(existing - window)
+            ours = src.read(window)
+        return existing if theirs == ours else 0
+
+
+# ------------------------------------------------------------------------------------ connect
+
+
+class _Connecting:
+    """What :func:`connect` returns: ``await`` it for a :class:`Connection`, or ``async with`` it."""
+
+    def __init__(self, target: SshTarget, connect_timeout: float) -> None:
+        self._target = target
+        self._timeout = connect_timeout
+        self._conn: Connection | None = None
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return _connect(self._target, self._timeout).__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await _connect(self._target, self._timeout)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def connect(target: SshTarget, *, connect_timeout: float = 10.0) -> _Connecting:
+    """Open an SSH connection to ``target``, its host key checked against known_hosts.
+
+    ``connect_timeout`` bounds the TCP connect, the SSH handshake and the login together.
+    Raises :class:`UnreachableError`, :class:`HostKeyError` or :class:`AuthError`.
+    """
+    return _Connecting(target, connect_timeout)
+
+
+async def _connect(target: SshTarget, connect_timeout: float) -> Connection:
+    known_hosts_file = (target.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
+    known_hosts = _read_known_hosts(target.name, known_hosts_file)
+    options: dict[str, object] = {
+        "known_hosts": known_hosts,  # always given: None would turn checking off
+        "connect_timeout": connect_timeout,
+        "keepalive_interval": 15,
+        "keepalive_count_max": 3,
+    }
+    if target.user:
+        options["username"] = target.user
+    if target.key_file is not None:
+        options["client_keys"] = [_read_client_key(target.name, target.key_file)]
+        options["agent_path"] = None  # like IdentitiesOnly: exactly the configured key
+    try:
+        conn = await asyncssh.connect(target.host, target.port, **options)
+    except asyncssh.HostKeyNotVerifiable:
+        raise _host_key_error(target, known_hosts, known_hosts_file) from None
+    except asyncssh.PermissionDenied:
+        key = target.key_file or "the default keys and ssh agent"
+        user = target.user or "the default user"
+        raise AuthError(
+            target.name,
+            f"{_address(target)} refused the login of {user} with {key}: add the matching .pub "
+            "to that user's ~/.ssh/authorized_keys on the device, or fix user/key_file",
+        ) from None
+    except TimeoutError:
+        raise UnreachableError(
+            target.name,
+            f"no SSH answer from {_address(target)} within {connect_timeout:g} s: is the device on "
+            "and on the network?",
+        ) from None
+    except ConnectionRefusedError:
+        raise UnreachableError(
+            target.name,
+            f"connection refused by {_address(target)}: the device is up but nothing listens on "
+            f"port {target.port} (is sshd running? is the port right?)",
+        ) from None
+    except OSError as exc:  # no route, name not resolved, ...
+        raise UnreachableError(
+            target.name, f"cannot reach {_address(target)}: {exc.strerror or exc}"
+        ) from None
+    except asyncssh.Error as exc:
+        raise _connection_lost(target.name, f"connecting to {_address(target)}", exc) from None
+    return Connection(target, conn)
+
+
+def _read_known_hosts(device: str, path: Path) -> asyncssh.SSHKnownHosts:
+    try:
+        return asyncssh.read_known_hosts(str(path))
+    except FileNotFoundError:
+        raise HostKeyError(
+            device,
+            f"known_hosts file {path} does not exist, so no host key can be trusted: record the "
+            "device's key there (ssh-keyscan, then compare its fingerprint with the device's)",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise HostKeyError(device, f"cannot read known_hosts file {path}: {exc}") from None
+
+
+def _read_client_key(device: str, path: Path) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.read_private_key(str(path.expanduser()))
+    except OSError as exc:
+        raise AuthError(device, f"cannot read client key {path}: {exc.strerror}") from None
+    except asyncssh.KeyImportError as exc:
+        raise AuthError(device, f"client key {path} is not a usable private key: {exc}") from None
+
+
+def _host_key_error(
+    target: SshTarget, known_hosts: asyncssh.SSHKnownHosts, path: Path
+) -> HostKeyError:
+    port = None if target.port == 22 else target.port
+    trusted = asyncssh.match_known_hosts(known_hosts, target.host, target.host, port)[0]
+    entry = f"[{target.host}]:{target.port}" if port else target.host
+    scan = f"ssh-keyscan -p {target.port} {target.host}"
+    if trusted:
+        return HostKeyError(
+            target.name,
+            f"host key of {_address(target)} does NOT match the one recorded for {entry} in {path}: "
+            "the device was reinstalled, or someone is in the middle; if you know it was "
+            "reinstalled, replace that line (check the new fingerprint on the device first)",
+        )
+    return HostKeyError(
+        target.name,
+        f"host key of {_address(target)} is unknown: {path} has no entry for {entry}; add one "
+        f"(`{scan}`, and compare the fingerprint with the device's own)",
+    )
+
+
+def _address(target: SshTarget) -> str:
+    user = f"{target.user}@" if target.user else ""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"{user}{host}:{target.port}"
+
+
+def _connection_lost(device: str, doing: str, exc: BaseException) -> DeviceError:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    if isinstance(exc, asyncssh.ConnectionLost | OSError):
+        return UnreachableError(device, f"connection lost while {doing}: {reason}")
+    return DeviceError(device, f"SSH failed while {doing}: {reason}")
+
+
+def _text(data: object) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data)
+
+
+def _shorten(command: str, limit: int = 80) -> str:
+    return command if len(command) <= limit else command[: limit - 1] + "…"
+
+
+def _tail(stderr: str, lines: int = 5, chars: int = 600) -> str:
+    text = "\n".join(stderr.strip().splitlines()[-lines:])[-chars:]
+    return f"; stderr:\n{text}" if text else " (no stderr)"
+
+
+# ------------------------------------------------------------------------------------ fan-out
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T, R]):
+    """What happened on one item of :func:`run_all`: a value, or the device's error."""
+
+    item: T
+    value: R | None = None
+    error: DeviceError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+async def run_all(
+    items: Iterable[T], fn: Callable[[T], Awaitable[R]], *, limit: int = 8
+) -> list[Outcome[T, R]]:
+    """Run ``fn(item)`` for every item, at most ``limit`` at once; results in input order.
+
+    A :class:`DeviceError` is recorded in that item's outcome and the others carry on (one
+    unreachable doorbell must not stop the fleet). Any other exception is a bug: it cancels
+    the rest and propagates.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item: T) -> Outcome[T, R]:
+        async with gate:
+            try:
+                return Outcome(item, value=await fn(item))
+            except DeviceError as exc:
+                return Outcome(item, error=exc)
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(item)) for item in items]
+    return [task.result() for task in tasks]

@@ -1,0 +1,192 @@
+"""``doorstep-host status``: per device, is it reachable, what does it run, is the daemon up.
+
+Two sources, and the output says which was used:
+
+- **SSH** (default): ``doorstep-device status --json`` on each device, in parallel.
+- **MQTT** (``--broker``): the retained ``<prefix>/<device_id>/state`` and ``availability``
+  topics every daemon keeps on the broker. No SSH at all, so it works for doorbells the
+  workstation cannot log in to, but it knows only what the daemons last published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from device.alerts.mqtt import BrokerSettings
+from device.errors import DoorstepError
+from host.fleet.inventory import Device
+from host.fleet.progress import table
+from host.fleet.remote import RemoteDoorstep
+from host.fleet.ssh import DeviceError, connect
+
+
+@dataclass
+class DeviceStatus:
+    """One row of ``status``."""
+
+    device: str
+    reachable: bool
+    detail: str = ""
+    model: str = "-"
+    bundle_id: str | None = None
+    daemon: str = "-"
+    last_seen: float | None = None
+    last_event: str = "-"
+    source: str = "ssh"
+
+    def row(self, now: float) -> list[str]:
+        reach = "yes" if self.reachable else "no"
+        return [
+            self.device,
+            reach,
+            self.model,
+            self.daemon,
+            _ago(self.last_seen, now),
+            self.last_event if self.reachable else self.detail,
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def render(statuses: Sequence[DeviceStatus], source: str) -> str:
+    now = time.time()
+    rows = [s.row(now) for s in statuses]
+    text = table(["DEVICE", "REACHABLE", "MODEL", "DAEMON", "LAST SEEN", "LAST EVENT"], rows)
+    up = sum(s.reachable for s in statuses)
+    return f"{text}\n\n{up} of {len(statuses)} device(s) reachable; source: {source}"
+
+
+# ------------------------------------------------------------------------------------ SSH
+
+
+async def status_over_ssh(devices: Sequence[Device], limit: int = 10) -> list[DeviceStatus]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(device: Device) -> DeviceStatus:
+        async with gate:
+            try:
+                async with connect(device, connect_timeout=device.connect_timeout) as conn:
+                    doc = await RemoteDoorstep(conn, device).status()
+            except DeviceError as exc:
+                return DeviceStatus(device.name, False, exc.reason)
+            except DoorstepError as exc:
+                return DeviceStatus(device.name, True, str(exc))
+            return from_status_doc(device.name, doc)
+
+    return list(await asyncio.gather(*(one(d) for d in devices)))
+
+
+def from_status_doc(name: str, doc: Mapping[str, Any]) -> DeviceStatus:
+    """A row from ``doorstep-device status --json``."""
+    active = doc.get("active") or None
+    daemon = doc.get("daemon") or None
+    model = (
+        f"{active.get('name')} {active.get('version')} ({str(active.get('id'))[:12]})"
+        if active
+        else "shipped default"
+    )
+    state = "-"
+    seen = None
+    if daemon:
+        state = str(daemon.get("state", "unknown"))
+        test = daemon.get("self_test") or {}
+        if test:
+            state += ", self-test " + ("ok" if test.get("ok") else "FAILED")
+        reload = daemon.get("last_reload") or {}
+        if reload and reload.get("ok") is False:
+            state += ", last reload FAILED"
+        seen = daemon.get("updated")
+    return DeviceStatus(
+        name,
+        True,
+        model=model,
+        bundle_id=active.get("id") if active else None,
+        daemon=state,
+        last_seen=seen if isinstance(seen, int | float) else None,
+        last_event=_event_text(doc.get("last_event")),
+    )
+
+
+def _event_text(event: Any) -> str:
+    if not isinstance(event, Mapping) or "event" not in event:
+        return "-"
+    when = event.get("wall_time")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
+    return f"parcel {event['event']} in {event.get('zone', '?')} at {stamp}"
+
+
+# ------------------------------------------------------------------------------------ MQTT
+
+
+def status_over_mqtt(
+    devices: Sequence[Device], broker: BrokerSettings, prefix: str = "doorstep", wait: float = 3.0
+) -> list[DeviceStatus]:
+    """Rows from the retained state and availability of each device on ``broker``."""
+    from host.watch import Watcher
+
+    ids = {d.device_id: d for d in devices}
+    watcher = Watcher(broker, prefix, None, ("state", "availability")).start()
+    try:
+        if not watcher.subscribed.wait(10):
+            raise DoorstepError(f"no answer from the broker at {broker.url}")
+
+        def complete(w: Watcher) -> bool:
+            seen = {(m.device, m.kind) for m in w.messages}
+            return all((i, k) in seen for i in ids for k in ("state", "availability"))
+
+        watcher.wait(complete, timeout=wait)  # retained messages arrive at once
+    finally:
+        watcher.stop()
+    latest: dict[tuple[str, str], Any] = {}
+    for m in watcher.messages:
+        latest[(m.device, m.kind)] = m.payload
+    rows = []
+    for device_id, device in ids.items():
+        state = latest.get((device_id, "state"))
+        online = latest.get((device_id, "availability"))
+        if state is None and online is None:
+            rows.append(
+                DeviceStatus(device.name, False, "nothing retained on the broker", source="mqtt")
+            )
+            continue
+        rows.append(_from_state(device.name, state, online))
+    return rows
+
+
+def _from_state(name: str, state: Any, online: Any) -> DeviceStatus:
+    status = DeviceStatus(name, online == "online", f"availability {online}", source="mqtt")
+    status.daemon = str(online or "unknown")
+    if isinstance(state, Mapping):
+        model = state.get("model") or {}
+        sha = str(model.get("sha256", ""))
+        status.model = f"{model.get('name')} {model.get('version')} (model {sha[:12]})"
+        test = state.get("self_test") or {}
+        if test:
+            status.daemon += ", self-test " + ("ok" if test.get("ok") else "FAILED")
+        updated = state.get("updated")
+        status.last_seen = updated if isinstance(updated, int | float) else None
+        present = state.get("present")
+        status.last_event = (
+            "parcel present" + (f" (count {state.get('count')})" if state.get("count") else "")
+            if present
+            else "no parcel"
+        )
+    return status
+
+
+def _ago(when: float | None, now: float) -> str:
+    if when is None:
+        return "-"
+    s = max(now - when, 0.0)
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 5400:
+        return f"{s / 60:.0f} min ago"
+    if s < 172800:
+        return f"{s / 3600:.0f} h ago"
+    return f"{s / 86400:.0f} d ago"
