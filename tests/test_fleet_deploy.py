@@ -23,8 +23,6 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.importorskip("asyncssh", reason="fleet deploy needs asyncssh (doorstep[host])")
-
 import device
 from device.bundle.signing import bundle_id, generate_keypair, sign_bundle
 from device.bundle.store import load_bundle, pack_bundle, write_bundle
@@ -32,6 +30,8 @@ from host.cli import main as host_main
 from host.fleet.doorbell import DoorbellDaemon, start_daemons, write_still_image
 from host.fleet.loopback import SshFleet
 from host.fleet.plan import BundleInfo
+
+pytestmark = pytest.mark.host  # the device-only environment does not collect it (conftest)
 
 SHIPPED = Path(device.__file__).parent / "models" / "parcel-ssd"
 MiB = 1 << 20

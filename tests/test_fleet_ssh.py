@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("asyncssh", reason="the fleet connector needs asyncssh (doorstep[host])")
-
 from sshd import ROOT, SshDevice, SshFleet, free_port, keygen
 
 from host.fleet.ssh import (
@@ -25,6 +22,8 @@ from host.fleet.ssh import (
     connect,
     run_all,
 )
+
+pytestmark = pytest.mark.host  # the device-only environment does not collect it (conftest)
 
 MiB = 1 << 20
 

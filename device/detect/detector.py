@@ -212,7 +212,9 @@ class Detector:
     def decode(self, outputs: Mapping[str, Output], geo: Geometry) -> list[Detection]:
         """Threshold, NMS, map boxes back to source pixels."""
         cand: Candidates = self.decoder.decode(outputs, self.score_threshold)
-        if len(cand) and self.decoder.needs_nms:
+        if not len(cand):
+            return []  # the common frame: nothing there
+        if self.decoder.needs_nms:
             cand = cand.take(
                 nms(
                     cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections

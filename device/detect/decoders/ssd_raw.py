@@ -84,21 +84,28 @@ class SsdRawDecoder(Decoder):
         """Sigmoid or no activation: threshold the stored values (the activation and the
         dequantization are monotonic), so only the survivors are dequantized and activated."""
         raw = scores.data.reshape(-1, scores.data.shape[-1])[:, self._first :]
-        if raw.shape[1] == 1:
+        best: np.ndarray | None = None
+        if raw.shape[1] == 1:  # one class (the parcel model): no argmax, no gather
             best_raw = raw[:, 0]
-            best = np.zeros(len(best_raw), dtype=np.int64)
         else:
             best = raw.argmax(axis=1)
             best_raw = np.take_along_axis(raw, best[:, None], axis=1)[:, 0]
-        require_finite(scores.real(best_raw.max(keepdims=True)), scores)  # NaN propagates to max
-        t = score_threshold
-        if self.params.score_activation == "sigmoid":
-            t = -np.inf if t <= 0 else np.inf if t >= 1 else float(np.log(t / (1 - t)))
-        keep = np.flatnonzero(best_raw >= scores.raw_threshold(t))
+        if scores.scale is None:  # float outputs: NaN or inf (a broken model) reach the max
+            require_finite(best_raw.max(keepdims=True), scores)
+        keep = np.flatnonzero(
+            best_raw >= scores.raw_threshold(self._stored_threshold(score_threshold))
+        )
         real = scores.real(best_raw[keep])
         if self.params.score_activation == "sigmoid":
             real = 1.0 / (1.0 + np.exp(-real))
-        return keep, best[keep], real
+        classes = np.zeros(len(keep), dtype=np.int64) if best is None else best[keep]
+        return keep, classes, real
+
+    def _stored_threshold(self, t: float) -> float:
+        """The score threshold before the activation (the logit for a sigmoid)."""
+        if self.params.score_activation != "sigmoid":
+            return t
+        return -np.inf if t <= 0 else np.inf if t >= 1 else float(np.log(t / (1 - t)))
 
     def decode(self, outputs: Mapping[str, Output], score_threshold: float) -> Candidates:
         enc_out, score_out = outputs["boxes"], outputs["scores"]
