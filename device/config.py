@@ -305,13 +305,13 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DeviceConfig:
-    """Read and validate ``path``; raise ``ConfigError`` listing every problem found."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str = "config file", keys: str = "keys") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: ``{}``), duplicate keys refused; every
+    problem is a ``ConfigError`` naming the file (and line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
@@ -325,8 +325,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+            f"{path}: the top level must be a mapping of {keys}, got {type(data).__name__}"
         )
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DeviceConfig:
+    """Read and validate ``path``; raise ``ConfigError`` listing every problem found."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from device.config import _UniqueKeyLoader
+from device.config import read_yaml_mapping
 from device.errors import ConfigError, format_validation_error
 from host.fleet.ansible import ansible_locations, ansible_to_fleet, is_ansible_inventory
 
@@ -325,22 +324,4 @@ def _resolve(entry: DeviceEntry, defaults: Defaults) -> Device:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: fleet file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping (defaults, devices, rollout), "
-            f"got {type(data).__name__}"
-        )
-    return data
+    return read_yaml_mapping(path, "fleet file", "keys (defaults, devices, rollout)")
