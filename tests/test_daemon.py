@@ -11,6 +11,8 @@ from typing import Any
 import cv2
 import jsonschema
 import numpy as np
+import pytest
+from conftest import SHARED
 from test_alerts import Listener
 
 from device.alerts.payloads import SCHEMA_DIR
@@ -84,6 +86,33 @@ def test_rendered_doorstep_arrival_then_removal_reaches_a_subscriber(
     assert not [
         t for t, _, _ in listener.messages if t.endswith("/events") and "porch-test" not in t
     ]
+    listener.close()
+
+
+def test_a_sequence_of_real_parcel_photos(
+    mosquitto: Any, tmp_path: Path, coco_samples: Path
+) -> None:
+    """A fixed camera's view made of real photos: no parcel (owl.jpg), a real doorstep parcel
+    (packages-v6/test) for 6 frames, then no parcel again: arrived, then removed."""
+    parcels = SHARED / "data" / "packages-v6" / "test" / "images"
+    if not parcels.is_dir():
+        pytest.skip(f"needs {parcels} (the project's shared data)")
+    empty = cv2.resize(cv2.imread(str(coco_samples / "owl.jpg")), (640, 480))
+    parcel = cv2.resize(cv2.imread(str(sorted(parcels.glob("*.jpg"))[0])), (640, 480))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, image in enumerate([empty] * 3 + [parcel] * 6 + [empty] * 8):
+        cv2.imwrite(str(frames / f"{i:03d}.png"), image)
+    listener = Listener(mosquitto.url)
+    proc = run_daemon(tmp_path, "--source", str(frames), "--fps", "2", "--broker", mosquitto.url)
+    assert proc.returncode == 0, proc.stderr
+    assert listener.wait(lambda li: len(li.events()) >= 2)
+    events = listener.events()
+    assert [e["event"] for e in events] == ["arrived", "removed"]
+    assert events[0]["time"] == 2.5  # the third parcel frame (index 5) at 2 fps
+    assert events[1]["time"] == 7.0  # last seen at index 8 (4.0 s), gone 3 s later
+    x1, y1, x2, y2 = events[0]["boxes"][0]
+    assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480 and events[0]["scores"][0] >= 0.5
     listener.close()
 
 
