@@ -16,72 +16,51 @@ and for many devices, :func:`run_all` with a bound on how many run at once.
 
 from __future__ import annotations
 
-import asyncio
 import posixpath
 import re
 import shlex
-from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import asyncssh
 
-from device.errors import DoorstepError
+from host.fleet.errors import (
+    AuthError,
+    CommandError,
+    DeviceError,
+    HostKeyError,
+    TransferError,
+    UnreachableError,
+)
+from host.fleet.parallel import Outcome, run_all
+
+__all__ = [  # the errors and the fan-out live in their own modules; importable from here too
+    "AuthError",
+    "CommandError",
+    "CommandResult",
+    "Connection",
+    "DeviceError",
+    "HostKeyError",
+    "Outcome",
+    "SshTarget",
+    "Target",
+    "TransferError",
+    "UnreachableError",
+    "UploadResult",
+    "connect",
+    "run_all",
+]
 
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 #: How much of the end of a partial upload is compared with the local file before resuming.
 RESUME_CHECK_BYTES = 64 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-T = TypeVar("T")
-R = TypeVar("R")
 ProgressFn = Callable[[int, int], None]
 """Called with (bytes on the device so far, total bytes) as an upload advances."""
-
-
-# ------------------------------------------------------------------------------------ errors
-
-
-class DeviceError(DoorstepError):
-    """Something failed on one device, or on the way to it; the message starts with its name."""
-
-    def __init__(self, device: str, reason: str) -> None:
-        super().__init__(f"{device}: {reason}")
-        self.device = device
-        self.reason = reason
-
-
-class UnreachableError(DeviceError):
-    """No SSH server answered: the device is off, off the network, or sshd is not running."""
-
-
-class HostKeyError(DeviceError):
-    """The device's host key is not in known_hosts, or differs from the one recorded there."""
-
-
-class AuthError(DeviceError):
-    """The device refused the client key for the configured user."""
-
-
-class CommandError(DeviceError):
-    """A command ran and failed (non-zero exit, a signal, or a timeout)."""
-
-    def __init__(
-        self, device: str, reason: str, *, command: str, exit_status: int | None, stderr: str
-    ) -> None:
-        super().__init__(device, reason)
-        self.command = command
-        self.exit_status = exit_status
-        self.stderr = stderr
-
-
-class TransferError(DeviceError):
-    """An upload failed; the partial file stays on the device so a re-run resumes it."""
-
-
-# ------------------------------------------------------------------------------------ target
 
 
 class SshTarget(Protocol):
@@ -493,44 +472,3 @@ def _shorten(command: str, limit: int = 80) -> str:
 def _tail(stderr: str, lines: int = 5, chars: int = 600) -> str:
     text = "\n".join(stderr.strip().splitlines()[-lines:])[-chars:]
     return f"; stderr:\n{text}" if text else " (no stderr)"
-
-
-# ------------------------------------------------------------------------------------ fan-out
-
-
-@dataclass(frozen=True)
-class Outcome(Generic[T, R]):
-    """What happened on one item of :func:`run_all`: a value, or the device's error."""
-
-    item: T
-    value: R | None = None
-    error: DeviceError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-async def run_all(
-    items: Iterable[T], fn: Callable[[T], Awaitable[R]], *, limit: int = 8
-) -> list[Outcome[T, R]]:
-    """Run ``fn(item)`` for every item, at most ``limit`` at once; results in input order.
-
-    A :class:`DeviceError` is recorded in that item's outcome and the others carry on (one
-    unreachable doorbell must not stop the fleet). Any other exception is a bug: it cancels
-    the rest and propagates.
-    """
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    gate = asyncio.Semaphore(limit)
-
-    async def one(item: T) -> Outcome[T, R]:
-        async with gate:
-            try:
-                return Outcome(item, value=await fn(item))
-            except DeviceError as exc:
-                return Outcome(item, error=exc)
-
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(item)) for item in items]
-    return [task.result() for task in tasks]
