@@ -31,8 +31,8 @@ def nms(
     greedy pass handles every class; each step compares the best remaining box with all others
     at once, so the Python loop runs once per *kept* box.
     """
-    if len(boxes) == 0:
-        return np.zeros(0, dtype=np.int64)
+    if len(boxes) <= 1:  # nothing to suppress (the common case with one parcel in view)
+        return np.arange(min(len(boxes), max_detections), dtype=np.int64)
     boxes = boxes.astype(np.float32, copy=False)
     span = float(boxes.max() - min(0.0, float(boxes.min()))) + 1.0
     shifted = boxes + (class_ids.astype(np.float32) * span)[:, None]

@@ -75,10 +75,13 @@ class Geometry:
     def to_source(self, boxes: np.ndarray) -> np.ndarray:
         """Map ``[N, 4]`` xyxy boxes on the input canvas to source pixels, clipped to the frame."""
         out = np.empty_like(boxes, dtype=np.float32)
-        out[:, [0, 2]] = (boxes[:, [0, 2]] - self.pad_x) / self.scale_x
-        out[:, [1, 3]] = (boxes[:, [1, 3]] - self.pad_y) / self.scale_y
-        np.clip(out[:, 0::2], 0, self.src_w, out=out[:, 0::2])  # views: clip in place
-        np.clip(out[:, 1::2], 0, self.src_h, out=out[:, 1::2])
+        xs, ys = out[:, 0::2], out[:, 1::2]  # views: written in place, no gathers
+        np.subtract(boxes[:, 0::2], self.pad_x, out=xs)
+        xs /= self.scale_x
+        np.subtract(boxes[:, 1::2], self.pad_y, out=ys)
+        ys /= self.scale_y
+        np.clip(xs, 0, self.src_w, out=xs)
+        np.clip(ys, 0, self.src_h, out=ys)
         return out
 
 

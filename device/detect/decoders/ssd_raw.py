@@ -95,6 +95,8 @@ class SsdRawDecoder(Decoder):
         keep = np.flatnonzero(
             best_raw >= scores.raw_threshold(self._stored_threshold(score_threshold))
         )
+        if not keep.size:  # the common frame: nothing above the threshold
+            return keep, keep, np.zeros(0, dtype=np.float32)
         real = scores.real(best_raw[keep])
         if self.params.score_activation == "sigmoid":
             real = 1.0 / (1.0 + np.exp(-real))
