@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "  doorstep-device inspect model-bundle/\n"
         "  doorstep-device detect porch.jpg --model model-bundle/ --out annotated/\n"
         "  doorstep-device bench --model model-bundle/ --source porch.jpg\n"
-        "  doorstep-device check-config /etc/doorstep/device.yaml",
+        "  doorstep-device check-config /etc/doorstep/device.yaml\n"
+        "  doorstep-device run --config /etc/doorstep/device.yaml\n"
+        "  doorstep-device capture --count 200 --every 2 --out calib/\n"
+        "  doorstep-device status --config /etc/doorstep/device.yaml",
     )
     parser.add_argument("--version", action="version", version=f"doorstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
