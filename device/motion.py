@@ -29,8 +29,13 @@ class MotionGate:
         # Nearest-neighbour sampling to twice the target size, then area averaging: reads a
         # fraction of the frame's memory (a camera frame is cold in cache) in two cheap calls,
         # and the averaging plus the blur steady the sensor noise of single samples.
-        sampled = cv2.resize(
-            image, (self.width * 2, self.height * 2), interpolation=cv2.INTER_NEAREST
+        h, w = image.shape[:2]
+        sampled = (
+            image  # already small (the daemon passes the model-size canvas): average it directly
+            if w <= self.width * 8 and h <= self.height * 8
+            else cv2.resize(
+                image, (self.width * 2, self.height * 2), interpolation=cv2.INTER_NEAREST
+            )
         )
         small = cv2.cvtColor(
             cv2.resize(sampled, (self.width, self.height), interpolation=cv2.INTER_AREA),

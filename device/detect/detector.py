@@ -192,8 +192,16 @@ class Detector:
         ``self.transform.canvas`` then holds the frame at the model's size (uint8), which the
         daemon's motion gate reads instead of touching the full frame again."""
         t0 = time.perf_counter()
-        tensor, geo = self.transform(frame)
-        self.set_input(tensor)
+        buffer = self.interpreter.tensor(self._input_index)()  # the interpreter's own input
+        result = None
+        try:
+            result, geo = self.transform(frame, out=buffer)
+            if result is not buffer:
+                self.set_input(result)
+        finally:
+            # No view of the interpreter's memory may outlive this call: invoke() refuses to
+            # run while one exists.
+            del buffer, result
         self._prepared = (geo, t0, time.perf_counter())
         return geo
 

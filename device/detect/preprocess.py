@@ -124,6 +124,10 @@ class InputTransform:
         self._canvas = np.full((spec.height, spec.width, 3), spec.pad_value, dtype=np.uint8)
         self._canvas_geo: Geometry | None = None
         self.canvas: np.ndarray = self._canvas
+        # work buffers reused frame after frame (no allocation per frame)
+        self._resized = np.empty((spec.height, spec.width, 3), dtype=np.uint8)
+        self._rgb = np.empty((spec.height, spec.width, 3), dtype=np.uint8)
+        self._geo_cache: dict[tuple[int, int], Geometry] = {}
 
     def geometry(self, src_w: int, src_h: int) -> Geometry:
         w, h = self.size
@@ -134,21 +138,29 @@ class InputTransform:
         # Exact per-axis ratios of the resized image, so back-mapping undoes the rounding too.
         return Geometry(src_w, src_h, nw / src_w, nh / src_h, (w - nw) // 2, (h - nh) // 2)
 
-    def __call__(self, frame: np.ndarray | Yuv420Frame) -> tuple[np.ndarray, Geometry]:
-        """Return the model input tensor (with batch axis) and the geometry to map boxes back."""
+    def __call__(
+        self, frame: np.ndarray | Yuv420Frame, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Geometry]:
+        """Return the model input tensor (with batch axis) and the geometry to map boxes back.
+
+        ``out``, an NHWC ``[1, h, w, 3]`` integer array (the interpreter's own input buffer),
+        receives the result directly when the model's input allows it; the returned tensor is
+        then ``out`` itself. Otherwise a new array is returned."""
         image = frame.to_bgr() if isinstance(frame, Yuv420Frame) else frame
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise DetectorError(
                 f"frame must be an HxWx3 uint8 BGR image, got shape {list(image.shape)} dtype {image.dtype}"
             )
         src_h, src_w = image.shape[:2]
-        geo = self.geometry(src_w, src_h)
+        geo = self._geo_cache.get((src_w, src_h))
+        if geo is None:
+            geo = self._geo_cache[(src_w, src_h)] = self.geometry(src_w, src_h)
         w, h = self.size
         if self.spec.resize == "stretch":
             canvas = (
                 image
                 if (src_w, src_h) == (w, h)
-                else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+                else cv2.resize(image, (w, h), dst=self._resized, interpolation=cv2.INTER_LINEAR)
             )
         else:
             nw, nh = round(src_w * geo.scale_x), round(src_h * geo.scale_y)
@@ -164,7 +176,16 @@ class InputTransform:
             )
         self.canvas = canvas  # the frame at the model's size, BGR uint8 (motion gating)
         if self._swap:
-            canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
+            canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB, dst=self._rgb)
+        direct = out is not None and self.spec.layout == "NHWC" and self.spec.dtype != "float32"
+        if direct:
+            assert out is not None
+            target = out[0].view(np.uint8)  # int8 bytes are written as their uint8 pattern
+            if self._lut is not None:
+                cv2.LUT(canvas, self._lut, dst=target)
+            else:
+                np.copyto(target, canvas)
+            return out, geo
         if self.spec.dtype == "float32":
             tensor = (canvas.astype(np.float32) - self._mean) * self._inv_std
         elif self._lut is not None:
@@ -172,7 +193,7 @@ class InputTransform:
             if self.spec.dtype == "int8":
                 tensor = tensor.view(np.int8)
         else:
-            tensor = canvas
+            tensor = canvas.copy()  # the work buffers are reused by the next frame
         if self.spec.layout == "NCHW":
             tensor = tensor.transpose(2, 0, 1)
         return np.ascontiguousarray(tensor)[None], geo

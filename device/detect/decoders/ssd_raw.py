@@ -18,12 +18,13 @@ from device.errors import BundleError
 
 def decode_ssd_boxes(enc: np.ndarray, anchors: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
     """Encodings ``[N, 4]`` + anchors ``[N, 4]`` -> normalized xyxy boxes ``[N, 4]``."""
-    sy, sx, sh, sw = scales
-    yc = enc[:, 0] / sy * anchors[:, 2] + anchors[:, 0]
-    xc = enc[:, 1] / sx * anchors[:, 3] + anchors[:, 1]
-    h = np.exp(enc[:, 2] / sh) * anchors[:, 2]
-    w = np.exp(enc[:, 3] / sw) * anchors[:, 3]
-    return np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)
+    e = enc / np.asarray(scales, dtype=np.float32)
+    size = anchors[:, 2:]  # (h, w)
+    centre = e[:, :2] * size + anchors[:, :2]  # (yc, xc)
+    half = np.exp(e[:, 2:]) * size / 2  # (h/2, w/2)
+    # (y1, x1, y2, x2) -> (x1, y1, x2, y2)
+    boxes: np.ndarray = np.concatenate([centre - half, centre + half], axis=1)[:, [1, 0, 3, 2]]
+    return boxes
 
 
 class SsdRawDecoder(Decoder):
