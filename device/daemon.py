@@ -117,9 +117,12 @@ def model_candidates(cfg: DeviceConfig) -> list[Path | None]:
     return [*links, None]
 
 
-def open_detector(cfg: DeviceConfig, fallback: bool = False) -> tuple[Detector, Path | None]:
-    """The configured model, its signature checked when ``signing.public_keys`` is set; with
-    ``fallback``, the first candidate that loads and passes its self-test."""
+def open_detector(
+    cfg: DeviceConfig, fallback: bool = False
+) -> tuple[Detector, Path | None, dict[str, Any]]:
+    """The configured model, checked: its signature when ``signing.public_keys`` is set, a
+    ``package`` class, and a passing self-test inference (returned). With ``fallback``, the
+    first candidate (see :func:`model_candidates`) that passes all of it."""
     candidates = model_candidates(cfg)
     if not fallback:
         candidates = candidates[:1]
@@ -127,16 +130,19 @@ def open_detector(cfg: DeviceConfig, fallback: bool = False) -> tuple[Detector, 
     for i, path in enumerate(candidates):
         try:
             det = _open_one(cfg, path)
-            if len(candidates) > 1:  # choosing among fallbacks: the self-test decides
-                test = self_test(det)
-                if not test["ok"]:
-                    raise DoorstepError(f"self-test inference failed: {test['error']}")
+            if not det.manifest.labels.roles.get("package"):
+                raise DoorstepError(
+                    f"{det.bundle.source}: no class has the role 'package': nothing to track"
+                )
+            test = self_test(det)
+            if not test["ok"]:
+                raise DoorstepError(f"self-test inference failed: {test['error']}")
             if i:
                 print(
                     f"doorstep: fell back to {path or 'the shipped model'}: " + "; ".join(problems),
                     file=sys.stderr,
                 )
-            return det, path
+            return det, path, test
         except DoorstepError as exc:
             if i == len(candidates) - 1:
                 raise DoorstepError("; ".join([*problems, str(exc)])) from None
@@ -246,11 +252,8 @@ class Daemon:
             # saves; give the whole pipeline the interpreter's thread budget.
             cv2.setNumThreads(cfg.model.num_threads)
         self.store = Store(Path(cfg.state_dir))
-        self.det, self.model_dir = open_detector(cfg, fallback=True)
+        self.det, self.model_dir, self.test = open_detector(cfg, fallback=True)
         self.sha = model_sha(self.det)
-        self.test = self_test(self.det)
-        if not self.test["ok"]:
-            raise DoorstepError(f"the model failed its self-test inference: {self.test['error']}")
         self.started = round(time.time(), 3)
         self.last_reload: dict[str, Any] | None = None
         self.last_event: dict[str, Any] | None = None
@@ -525,14 +528,7 @@ class Daemon:
         self.notify.reloading()
         try:
             cfg = self.reload_config()
-            new, new_dir = open_detector(cfg)
-            if not new.manifest.labels.roles.get("package"):
-                raise DoorstepError(
-                    f"{new.bundle.source}: no class has the role 'package': nothing to track"
-                )
-            test = self_test(new)
-            if not test["ok"]:
-                raise DoorstepError(f"self-test inference failed: {test['error']}")
+            new, new_dir, test = open_detector(cfg)
         except DoorstepError as exc:
             self.last_reload = {"ok": False, "error": str(exc), "time": round(time.time(), 3)}
             self._record()

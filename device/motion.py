@@ -26,9 +26,9 @@ class MotionGate:
 
     def should_run(self, image: np.ndarray, t: float) -> bool:
         """Whether to run the detector on this frame (BGR), at frame time ``t``."""
-        # Nearest-neighbour sampling to twice the target size, then area averaging: reads a
-        # fraction of the frame's memory (a camera frame is cold in cache) in two cheap calls,
-        # and the averaging plus the blur steady the sensor noise of single samples.
+        # The daemon passes the model-size canvas, small enough to area-average directly. A full
+        # camera frame is first sampled (nearest neighbour) to twice the target size, so only a
+        # fraction of its memory is read; the averaging and the blur steady the sensor noise.
         h, w = image.shape[:2]
         sampled = (
             image  # already small (the daemon passes the model-size canvas): average it directly
