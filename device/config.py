@@ -108,6 +108,11 @@ class FolderSourceConfig(_Section):
     fps: Annotated[float, Field(gt=0, le=120)] = 5.0
 
     _check_path = field_validator("path")(_resolve)
+    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="seconds without a frame after which a live source is reported stalled "
+        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
+    )
 
 
 class OpenCVSourceConfig(_Section):
@@ -126,6 +131,11 @@ class OpenCVSourceConfig(_Section):
         description="null: cameras and streams are live, files are not; true replays a file as "
         "a camera would deliver it (in real time, newest frame only, drops counted)",
     )
+    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="seconds without a frame after which a live source is reported stalled "
+        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
+    )
 
 
 class StillSourceConfig(_Section):
@@ -136,6 +146,11 @@ class StillSourceConfig(_Section):
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
 
     _check_path = field_validator("path")(_resolve)
+    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="seconds without a frame after which a live source is reported stalled "
+        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
+    )
 
 
 class Picamera2SourceConfig(_Section):
@@ -146,6 +161,11 @@ class Picamera2SourceConfig(_Section):
     lores_size: tuple[int, int] = (320, 240)
     lores_format: Literal["YUV420", "RGB888"] = "YUV420"
     fps: Annotated[float, Field(gt=0, le=120)] = 10.0
+    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        10.0,
+        description="seconds without a frame after which a live source is reported stalled "
+        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
+    )
 
 
 SourceConfig = Annotated[
@@ -174,6 +194,19 @@ class MqttConfig(_Section):
     discovery_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "homeassistant"
     snapshot: bool = Field(True, description="retain a JPEG of the main stream at arrival")
     snapshot_quality: Annotated[int, Field(ge=10, le=100)] = 85
+    outbox_max_events: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
+        10_000,
+        description="events kept on disk while the broker is away; past it the oldest reminders "
+        "go first, then the oldest events (counted as dropped)",
+    )
+    memory_queue_events: Annotated[int, Field(ge=10, le=100_000)] = Field(
+        1_000,
+        description="events held in memory while the state directory cannot be written "
+        "(full disk); the newest are kept and written out when space returns",
+    )
+    max_inflight: Annotated[int, Field(ge=1, le=1_000)] = Field(
+        20, description="events sent and not yet acknowledged by the broker, at most"
+    )
 
     _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(_resolve)
 
