@@ -345,11 +345,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     kinds = ("events", "availability", "state") + (("telemetry",) if args.telemetry else ())
     watcher = Watcher(settings, args.prefix, show, kinds).start()
-    print(f"watching {args.broker} ({args.prefix}/+/...); Ctrl-C to stop", file=sys.stderr)
+    print(f"connecting to {args.broker} ...", file=sys.stderr)
     if not watcher.subscribed.wait(10):
         watcher.stop()
         print(f"doorstep-host: error: no answer from the broker at {args.broker}", file=sys.stderr)
         return 2
+    # Said once the broker acknowledged the subscription: from here on nothing is missed
+    # (a script, or a test, waits for this line before it publishes).
+    topics = f"{args.prefix}/+/{{{','.join(kinds)}}}"
+    print(f"watching {args.broker} {topics} (subscribed); Ctrl-C to stop", file=sys.stderr)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

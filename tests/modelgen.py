@@ -253,5 +253,12 @@ def ensure_models(build: bool) -> Path | None:
     if missing:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         code = "import modelgen; modelgen.build_missing()"
-        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, check=True)
+        # Bounded like every wait in the tests: a stuck TensorFlow child must not hang the run.
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).parent,
+            env=env,
+            check=True,
+            timeout=600,
+        )
     return CACHE

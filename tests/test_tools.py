@@ -11,6 +11,7 @@ from typing import Any
 
 import cv2
 import pytest
+from childproc import LineReader, stop
 
 from device.alerts.mqtt import BrokerSettings, Publisher
 from device.alerts.outbox import Outbox
@@ -80,11 +81,15 @@ def test_watch_prints_events_once_each(mosquitto: Any, tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    out, err = LineReader(watch.stdout, "watch stdout"), LineReader(watch.stderr, "watch stderr")
     try:
-        assert watch.stderr is not None and "watching" in watch.stderr.readline()
+        # Publish only once the broker acknowledged watch's subscription: before that the
+        # broker would drop the event (not retained), and watch would wait for it for ever.
+        said = err.until(lambda line: "subscribed" in line, timeout=60)
+        assert said.startswith(f"watching {mosquitto.url} doorstep/+/{{events,")
         pub = Publisher("door7", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "o.sqlite"))
         pub.start()
-        assert pub.connected.wait(10)
+        assert pub.connected.wait(30)
         ev = {
             "event": "arrived",
             "id": "abc",
@@ -97,20 +102,18 @@ def test_watch_prints_events_once_each(mosquitto: Any, tmp_path: Path) -> None:
         pub.publish_event(ev)
         pub.outbox.add("abc", f"{pub.base}/events", ev, "arrived")  # a redelivery, same id
         pub._send_pending()
-        assert pub.drain(10)
+        assert pub.drain(30)
         pub.stop()
-        lines = []
-        assert watch.stdout is not None
-        while len(lines) < 3:  # online, the event, offline
-            lines.append(json.loads(watch.stdout.readline()))
+        # online, the event (once: the redelivery is dropped), then offline
+        lines = [json.loads(out.next(timeout=30)) for _ in range(3)]
     finally:
-        watch.terminate()
-        watch.communicate(timeout=10)  # reaps it and closes the pipes
+        stop(watch)
     kinds = [
         (m["kind"], m["payload"] if m["kind"] == "availability" else m["payload"]["id"])
         for m in lines
     ]
     assert kinds == [("availability", "online"), ("events", "abc"), ("availability", "offline")]
+    assert out.rest(timeout=30) == []  # nothing more, after it was stopped
 
 
 @pytest.mark.host
@@ -134,7 +137,7 @@ def test_embedded_broker_carries_events(kind: str, tmp_path: Path) -> None:
     with EmbeddedBroker(prefer=kind) as broker:
         assert broker.kind == kind
         watcher = Watcher(BrokerSettings(broker.url, broker.protocol)).start()
-        assert watcher.subscribed.wait(10)
+        assert watcher.subscribed.wait(30)
         pub = Publisher(
             "door8", BrokerSettings(broker.url, broker.protocol), Outbox(tmp_path / "o.sqlite")
         )
