@@ -1,18 +1,28 @@
-"""``doorstep-device run``: frames -> motion gate -> detector -> presence -> MQTT, until stopped.
+"""``doorstep-device run``: the composition root, the frame loop, signals and reload.
 
-Finite sources (a video file, an image folder) end the run after their last frame, once the
-outbox has drained, with exit code 0. SIGTERM and SIGINT stop cleanly: the frame in hand is
-finished, events are flushed as far as the broker allows, availability turns offline. SIGHUP
-reloads the config's model, keeping the running one if the new one fails to load, verify or
-pass its self-test inference.
+Each component is built from its own config section; :class:`device.pipeline.Pipeline` does
+the per-frame work (motion gate -> detector -> presence). What the daemon adds is the order
+that keeps the promises:
 
-Every record goes to the JSON-lines log (rotated); people get short lines on stdout (the journal
-under systemd). Telemetry (per-stage latency, rates, CPU, memory, temperature, power) is logged
-and published every ``telemetry.interval_s``.
+* **No alert is lost.** Events, and the tracker's state after them, are committed to the
+  outbox in one transaction *before* anything announces them (log line, MQTT, state), so a
+  kill -9 at any instant loses nothing any output has shown. The tracker's state is resumed at
+  start, so a parcel that was there before a restart is the same parcel after it.
+* **A dead doorbell is noticed.** The systemd watchdog is petted only after a frame was really
+  handled. A live source that delivers nothing for ``source.stall_s`` is reported stalled
+  (state, telemetry, log) and, after ``STALL_EXIT_FACTOR`` times that, the run ends with exit
+  status 1 so that systemd restarts it; a capture thread that dies ends the run at once, exit 1.
+* **A full disk is a fault that passes.** Events wait in memory, the log and the daemon record
+  are skipped, detection goes on; all is written again when space returns.
+
+Finite sources (a video file, an image folder, a live replay of a file) end the run after
+their last frame, once the outbox has drained, with exit status 0. SIGTERM and SIGINT stop
+cleanly; SIGHUP reloads config and model, keeping the running one if the new one fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -23,201 +33,44 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from device import __version__
+from device.alerts.outbox import Event as Stored
+from device.alerts.outbox import Outbox
 from device.alerts.payloads import (
+    DroppedEvents,
     EventPayload,
     ModelInfo,
     SelfTest,
+    SourceStatus,
     StatePayload,
+    StorageStatus,
     TelemetryPayload,
 )
-from device.camera.base import Frame, FrameSource
-from device.config import (
-    DeviceConfig,
-    FolderSourceConfig,
-    OpenCVSourceConfig,
-    SourceConfig,
-    StillSourceConfig,
-)
-from device.detect.detector import Detection, Detector
-from device.detect.preprocess import Yuv420Frame
+from device.camera.base import Frame, SourceError
+from device.camera.factory import open_source
+from device.config import DeviceConfig
+from device.detect.checked import open_detector
+from device.detect.detector import Detector
 from device.errors import ConfigError, DoorstepError
-from device.install import Store, load_checked, trusted_keys, write_daemon_record
+from device.health import Health
+from device.install import Store, write_daemon_record
 from device.logsink import LogSink, default_log_file
 from device.motion import MotionGate
-from device.presence import Event, PresenceSettings, PresenceTracker, Zone
+from device.pipeline import Pipeline, model_sha, roles_of
+from device.presence import Event, PresenceTracker
 from device.sdnotify import Notifier
+from device.storage import Episode, check_writable
 from device.telemetry import StageWindow, Telemetry
 
-if TYPE_CHECKING:  # typing only: paho and the meters are imported when configured
+if TYPE_CHECKING:  # paho is imported only when a broker is configured
     from device.alerts.mqtt import Publisher
-    from device.power import EnergyCounter, PowerMeter
 
-
-def open_source(cfg: SourceConfig) -> FrameSource:
-    """The frame source a config names (one module per kind, imported only when used)."""
-    if isinstance(cfg, FolderSourceConfig):
-        from device.camera.folder import FolderSource
-
-        return FolderSource(cfg.path, cfg.fps)
-    if isinstance(cfg, OpenCVSourceConfig):
-        from device.camera.opencv import OpenCVSource
-
-        return OpenCVSource(cfg.uri, cfg.fps, cfg.loop, cfg.live)
-    if isinstance(cfg, StillSourceConfig):
-        from device.camera.still import StillSource
-
-        return StillSource(cfg.path, cfg.fps)
-    from device.camera.picamera2 import Picamera2Source
-
-    return Picamera2Source(cfg.main_size, cfg.lores_size, cfg.fps, cfg.lores_format)
-
-
-def _scale(dets: list[Detection], sx: float, sy: float) -> list[Detection]:
-    """Boxes found on the lores stream, in main-stream pixels (same field of view)."""
-    return [
-        Detection(
-            d.label,
-            d.class_id,
-            d.score,
-            (d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy),
-        )
-        for d in dets
-    ]
-
-
-def model_sha(det: Detector) -> str:
-    m = det.manifest
-    return m.files[m.model_file].sha256 if m.model_file in m.files else ""
-
-
-def self_test(det: Detector) -> dict[str, Any]:
-    """One inference on a synthetic frame: the model loads, runs, gives finite outputs and
-    scores that are not all zero (a collapsed int8 model)."""
-    from device.bench import synthetic_frame
-
-    t0 = time.perf_counter()
-    try:
-        det.detect(synthetic_frame(640, 480, seed=7))
-        if det.last_peak_score() <= 0.0:
-            raise DoorstepError("every class score is 0: the model's scores collapsed")
-    except DoorstepError as exc:
-        return {"ok": False, "ms": 0.0, "time": round(time.time(), 3), "error": str(exc)}
-    ms = (time.perf_counter() - t0) * 1e3
-    return {"ok": True, "ms": round(ms, 2), "time": round(time.time(), 3), "error": None}
-
-
-def model_candidates(cfg: DeviceConfig) -> list[Path | None]:
-    """What to load, in order: ``model.path`` if set; else the deployed ``current``, then
-    ``previous``, then the shipped model (None), so a bad deployment never leaves a doorbell
-    without a model after a restart."""
-    if cfg.model.path is not None:
-        return [cfg.model.path]
-    store = Store(Path(cfg.state_dir))
-    links = [link.resolve() for link in (store.current, store.previous) if link.exists()]
-    return [*links, None]
-
-
-def open_detector(
-    cfg: DeviceConfig, fallback: bool = False
-) -> tuple[Detector, Path | None, dict[str, Any]]:
-    """The configured model, checked: its signature when ``signing.public_keys`` is set, a
-    ``package`` class, and a passing self-test inference (returned). With ``fallback``, the
-    first candidate (see :func:`model_candidates`) that passes all of it."""
-    candidates = model_candidates(cfg)
-    if not fallback:
-        candidates = candidates[:1]
-    problems: list[str] = []
-    for i, path in enumerate(candidates):
-        try:
-            det = _open_one(cfg, path)
-            if not det.manifest.labels.roles.get("package"):
-                raise DoorstepError(
-                    f"{det.bundle.source}: no class has the role 'package': nothing to track"
-                )
-            test = self_test(det)
-            if not test["ok"]:
-                raise DoorstepError(f"self-test inference failed: {test['error']}")
-            if i:
-                print(
-                    f"doorstep: fell back to {path or 'the shipped model'}: " + "; ".join(problems),
-                    file=sys.stderr,
-                )
-            return det, path, test
-        except DoorstepError as exc:
-            if i == len(candidates) - 1:
-                raise DoorstepError("; ".join([*problems, str(exc)])) from None
-            problems.append(f"{path}: {exc}")
-    raise AssertionError("unreachable")
-
-
-def _open_one(cfg: DeviceConfig, path: Path | None) -> Detector:
-    opts = cfg.model.detector_options()
-    if cfg.signing.public_keys and path is not None:
-        if path.suffix == ".tflite":
-            raise DoorstepError(
-                f"{path}: signing.public_keys is set, and a bare .tflite carries no signature: "
-                "bundle and sign it (doorstep-host sign)"
-            )
-        return Detector(load_checked(path, trusted_keys(cfg.signing.public_keys)), **opts)
-    return Detector.open(path, cfg.model.labels, **opts)
-
-
-class Health:
-    """CPU, memory, temperature, throttling and power for telemetry reports.
-
-    With a power meter configured, it is read every ``telemetry.power_sample_s`` from the frame
-    loop and the readings are integrated (``EnergyCounter``) into mean watts and millijoules per
-    inference over the report window."""
-
-    def __init__(self, cfg: DeviceConfig) -> None:
-        from device import sysstats
-
-        self._sys = sysstats
-        self._cpu = sysstats.ProcessCpu()
-        self._meter: PowerMeter | None = None
-        self._energy: EnergyCounter | None = None
-        self._every = cfg.telemetry.power_sample_s
-        self._next = 0.0
-        if cfg.power is not None:
-            from device.power import EnergyCounter, open_meter
-
-            self._meter = open_meter(cfg.power)
-            self._energy = EnergyCounter(window_s=cfg.telemetry.interval_s)
-
-    def inference(self) -> None:
-        if self._energy is not None:
-            self._energy.inference()
-
-    def sample(self, force: bool = False) -> None:
-        """Read the meter if a sample is due (cheap to call every frame)."""
-        if self._meter is None or self._energy is None:
-            return
-        now = time.monotonic()
-        if not force and now < self._next:
-            return
-        self._next = now + self._every
-        try:
-            self._energy.add(self._meter.read())
-        except DoorstepError as exc:
-            print(f"doorstep: power meter: {exc}", file=sys.stderr)
-
-    def __call__(self) -> dict[str, Any]:
-        power = None
-        if self._energy is not None:
-            self.sample(force=True)
-            summary = self._energy.summary()
-            power = summary.as_payload() if summary is not None else None
-        try:
-            flags = self._sys.throttled()
-        except DoorstepError:
-            flags = None
-        return {
-            "cpu_percent": round(self._cpu.sample() * 100, 2),
-            "rss_mb": round(self._sys.rss_mb(), 1),
-            "cpu_temp_c": self._sys.cpu_temp_c(),
-            "throttled": flags,
-            "power": power,
-        }
+STALL_EXIT_FACTOR = 3  # a live source silent for this many stall_s ends the run (exit 1)
+PERSIST_EVERY_S = 5.0  # how often a present parcel's last sighting is stored (no events)
+PRESENCE_KEY = "presence"
+STATE_DIR_FIX = (
+    "give the service user this directory (systemd's StateDirectory= does), "
+    "or choose another with --state-dir / state_dir"
+)
 
 
 class Daemon:
@@ -233,14 +86,19 @@ class Daemon:
             raise ConfigError(
                 "no `source` configured: say where frames come from (or pass --source)"
             )
-        self.cfg = cfg
+        self.cfg, self.source_cfg = cfg, cfg.source
         self.stop = stop or threading.Event()
         self.reload = reload or threading.Event()
         self.reload_config = reload_config
         self.notify = Notifier()
+        state_dir = Path(cfg.state_dir)
+        self.storage = Episode()  # the state directory's own probe and the daemon record
+        short = check_writable(state_dir, "state directory", STATE_DIR_FIX)
+        if short is not None:
+            self.storage.enter(short)
         t = cfg.telemetry
         self.log = LogSink(
-            t.log_file or default_log_file(Path(cfg.state_dir)),
+            t.log_file or default_log_file(state_dir),
             int(t.log_max_mb * 1e6),
             t.log_backups,
             log_format,
@@ -251,60 +109,320 @@ class Daemon:
             # OpenCV's own pool for small per-frame images costs more in hand-offs than it
             # saves; give the whole pipeline the interpreter's thread budget.
             cv2.setNumThreads(cfg.model.num_threads)
-        self.store = Store(Path(cfg.state_dir))
-        self.det, self.model_dir, self.test = open_detector(cfg, fallback=True)
-        self.sha = model_sha(self.det)
+        self.store = Store(state_dir)
+        det, self.model_dir, self.test = open_detector(
+            cfg.model, cfg.signing.public_keys, state_dir, fallback=True
+        )
+        package, person = roles_of(det)
+        tracker = PresenceTracker.from_config(cfg.presence, package, person, model_sha(det))
+        gate = MotionGate.from_config(cfg.motion) if cfg.motion.enabled else None
+        self.pipeline = Pipeline(det, tracker, gate)
+        q = cfg.mqtt
+        self.outbox = Outbox(
+            state_dir / "outbox.sqlite",
+            max_events=q.outbox_max_events if q else 10_000,
+            memory_max=q.memory_queue_events if q else 1_000,
+            expiry_s=q.event_expiry_s if q else 86_400,
+        )
+        self.events_topic = f"{q.prefix}/{cfg.device_id}/events" if q else ""
+        self.source = open_source(cfg.source)
+        # Cameras run on Unix time, so the tracker's state means the same after a restart;
+        # a replayed file runs on its own clock and starts afresh each time.
+        self.persist = self.source.live
+        self.resumed = self._resume() if self.persist else []
         self.started = round(time.time(), 3)
         self.last_reload: dict[str, Any] | None = None
         self.last_event: dict[str, Any] | None = None
-        roles = self.det.manifest.labels.roles
-        p = cfg.presence
-        self.tracker = PresenceTracker(
-            PresenceSettings(
-                p.arrive_hits,
-                p.arrive_window,
-                p.remove_after_s,
-                p.reminder_every_s,
-                p.person_overlap,
-                tuple(Zone(z.name, tuple(z.polygon) if z.polygon else None) for z in p.zones),
-            ),
-            frozenset(roles.get("package", [])),
-            frozenset(roles.get("person", [])),
-            self.sha,
-        )
-        self.gate = MotionGate(min_changed=cfg.motion.min_changed, max_idle_s=cfg.motion.max_idle_s)
-        self.health = Health(cfg)
+        self.stall = Episode()
+        self.last_frame: float | None = None  # monotonic time of the last frame
+        self._persisted_at = 0.0
+        self._persisted_doc: str | None = None
+        self.health = Health(cfg.telemetry, cfg.power)
         self.telemetry = Telemetry(t.interval_s, StageWindow(t.window), self.health)
         self.publisher: Publisher | None = None
-        self.source = open_source(cfg.source)
 
-    # -- MQTT
+    @property
+    def det(self) -> Detector:
+        return self.pipeline.detector
+
+    @property
+    def sha(self) -> str:
+        return model_sha(self.pipeline.detector)
+
+    # -- persistence: the outbox holds the events and the tracker's state together
+    def _resume(self) -> list[str]:
+        raw = self.outbox.get_state(PRESENCE_KEY)
+        if raw is None:
+            return []
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return []
+        return self.pipeline.tracker.restore(doc)
+
+    def _commit(self, events: list[Event]) -> list[dict[str, Any]]:
+        """Store ``events`` (for the broker) and the tracker's state in one transaction; return
+        their payloads. Nothing may announce an event before this returns."""
+        payloads = [
+            EventPayload(
+                **e.to_json(), device_id=self.cfg.device_id, wall_time=round(time.time(), 3)
+            ).model_dump(mode="json")
+            for e in events
+        ]
+        items = (
+            [Stored(p["id"], self.events_topic, p, p["event"]) for p in payloads]
+            if self.cfg.mqtt is not None
+            else []
+        )
+        state = None
+        if self.persist:
+            doc = json.dumps(self.pipeline.tracker.snapshot(), separators=(",", ":"))
+            if items or doc != self._persisted_doc:
+                state = {PRESENCE_KEY: doc}
+                self._persisted_doc, self._persisted_at = doc, time.monotonic()
+        if items or state:
+            self.outbox.commit(items, state)
+        return payloads
+
+    def _persist_due(self) -> bool:
+        tracker = self.pipeline.tracker
+        return (
+            self.persist
+            and any(tracker.present().values())
+            and time.monotonic() - self._persisted_at >= PERSIST_EVERY_S
+        )
+
+    # -- what the device says about itself
+    def _storage_status(self) -> StorageStatus:
+        stats = self.outbox.stats()
+        error = stats.storage_error or self.log.storage.error or self.storage.error
+        return StorageStatus(
+            status="degraded" if error else "ok", error=error, events_in_memory=stats.in_memory
+        )
+
+    def _dropped(self) -> DroppedEvents:
+        s = self.outbox.stats()
+        return DroppedEvents(full=s.dropped_full, expired=s.dropped_expired, memory=s.dropped_memory)
+
+    def _source_status(self) -> SourceStatus:
+        age = None if self.last_frame is None else round(time.monotonic() - self.last_frame, 3)
+        return SourceStatus(
+            status="stalled" if self.stall.active else "ok",
+            last_frame_age_s=age,
+            error=self.stall.error,
+        )
+
+    def state(self) -> dict[str, Any]:
+        m, tracker = self.det.manifest, self.pipeline.tracker
+        return StatePayload(
+            device_id=self.cfg.device_id,
+            present=any(tracker.present().values()),
+            zones=tracker.present(),
+            count=tracker.count(),
+            since=tracker.since(),
+            model=ModelInfo(name=m.name, version=m.version, sha256=self.sha),
+            self_test=SelfTest(**self.test),
+            doorstep_version=__version__,
+            runtime=self.det.runtime_version,
+            source=self._source_status(),
+            storage=self._storage_status(),
+            events_dropped=self._dropped(),
+            updated=round(time.time(), 3),
+        ).model_dump(mode="json")
+
+    def _record(self, state: str = "running") -> None:
+        """``<state_dir>/daemon.json``: what ``doorstep-device status`` (and deploy) reads.
+        Never worth the daemon's life: a failed write is reported as degraded storage."""
+        m = self.det.manifest
+        ident = None
+        if self.model_dir is not None and self.model_dir.parent.name == "models":
+            ident = self.model_dir.name
+        record = {
+            "pid": os.getpid(),
+            "state": state,
+            "systemd": "NOTIFY_SOCKET" in os.environ,
+            "model_sha256": self.sha,
+            "bundle_id": ident,
+            "model": {"name": m.name, "version": m.version},
+            "self_test": self.test,
+            "last_reload": self.last_reload,
+            "last_event": self.last_event,
+            "started": self.started,
+            "updated": round(time.time(), 3),
+        }
+        error: str | None = None
+        try:
+            write_daemon_record(self.store, record)
+        except (OSError, DoorstepError) as exc:
+            error = f"{self.store.daemon_file}: {getattr(exc, 'strerror', None) or exc}"
+        if error is None:
+            if self.storage.leave():
+                self.log.emit("storage_ok", "the state directory takes writes again")
+        elif self.storage.enter(error):
+            self.log.emit("storage_degraded", f"storage degraded: {error}", error=error)
+
+    def _publish_state(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_state(self.state())
+
+    def _check_storage(self) -> None:
+        """Log the outbox's storage episodes once each (the outbox retries on its own)."""
+        stats = self.outbox.stats()
+        was = getattr(self, "_outbox_error", None)
+        if stats.storage_error and not was:
+            self.log.emit(
+                "storage_degraded",
+                f"events held in memory: {stats.storage_error}",
+                error=stats.storage_error,
+            )
+            self._publish_state()
+        elif was and not stats.storage_error:
+            self.log.emit("storage_ok", "events are stored on disk again")
+            self._publish_state()
+        self._outbox_error = stats.storage_error
+
+    # -- the loop
+    def run(self) -> int:
+        cfg, det, m = self.cfg, self.det, self.det.manifest
+        self.log.emit(
+            "start",
+            f"{cfg.device_id} running {m.name} {m.version} on {det.runtime_version} "
+            f"(self-test {self.test['ms']:.1f} ms); log {self.log.path}"
+            + (f"; resumed a parcel in {', '.join(self.resumed)}" if self.resumed else ""),
+            device_id=cfg.device_id,
+            model=m.name,
+            version=m.version,
+            sha256=self.sha,
+            runtime=det.runtime_version,
+            self_test=self.test,
+            doorstep_version=__version__,
+            resumed=self.resumed,
+        )
+        self._record()
+        status = 0
+        try:
+            self._start_publisher()
+            with self.source:
+                self.notify.ready(f"{m.name} {m.version} on {det.runtime_version}")
+                self._loop()
+        except SourceError as exc:
+            self.log.emit("source_failed", f"stopping: {exc}", error=str(exc))
+            status = 1
+        finally:
+            self._shutdown()
+        return status
+
+    def _loop(self) -> None:
+        tel, counts = self.telemetry, self.telemetry.total
+        stall_s = getattr(self.source_cfg, "stall_s", 10.0)
+        offset: float | None = None
+        last_status = 0.0
+        self.last_frame = time.monotonic()  # the stall clock starts when the source opened
+        while not self.stop.is_set():
+            if self.reload.is_set():
+                self.reload.clear()
+                self._reload()
+            t0 = time.perf_counter()
+            frame = self.source.read(timeout=min(1.0, stall_s / 2))
+            t1 = time.perf_counter()
+            self.health.sample()
+            if tel.due():
+                self._report()
+            if frame is None:
+                if self.source.ended:
+                    break
+                self._stalled(stall_s)
+                continue
+            self.last_frame = time.monotonic()
+            if self.stall.leave():
+                self.log.emit("source_ok", f"{self.source.describe()}: frames again")
+                self._publish_state()
+            if offset is None:
+                offset = time.time() - frame.t if self.persist else 0.0
+            tel.stage("capture_wait", (t1 - t0) * 1e3)
+            counts.frames += 1
+            counts.dropped = self.source.dropped
+            if frame.t - last_status >= 10:
+                last_status = frame.t
+                self.notify.status(
+                    f"{counts.frames} frames, {counts.inferences} inferences, "
+                    f"present: {self.pipeline.tracker.present()}"
+                )
+            self._frame(frame, frame.t + offset, t1)
+            self.notify.watchdog()  # only after a frame was really handled
+
+    def _stalled(self, stall_s: float) -> None:
+        assert self.last_frame is not None
+        silent = time.monotonic() - self.last_frame
+        if silent >= STALL_EXIT_FACTOR * stall_s:
+            raise SourceError(
+                f"{self.source.describe()}: no frame for {silent:.0f} s: giving up so that "
+                "the service is restarted"
+            )
+        if silent >= stall_s and self.stall.enter(f"no frame for {stall_s:g} s"):
+            self.notify.status(f"source stalled: {self.source.describe()}, no frame for {silent:.0f} s")
+            self.log.emit(
+                "source_stalled",
+                f"{self.source.describe()}: no frame for {silent:.1f} s",
+                source=self.source.describe(),
+                silent_s=round(silent, 3),
+            )
+            self._publish_state()
+            self._record()
+
+    def _frame(self, frame: Frame, t: float, t_start: float) -> None:
+        tel = self.telemetry
+        result = self.pipeline.step(frame, t)
+        for name, ms in result.stages_ms.items():
+            tel.stage(name, ms)
+        if not result.ran:
+            tel.total.skipped += 1
+            return
+        tel.total.inferences += 1
+        self.health.inference()
+        t_p1 = time.perf_counter()
+        if result.events or self._persist_due():
+            payloads = self._commit(result.events)
+            for event, payload in zip(result.events, payloads, strict=True):
+                self._announce(frame, event, payload)
+            if result.events:
+                self._check_storage()
+                self._publish_state()
+                self._record()
+        t_end = time.perf_counter()
+        tel.stage("publish", (t_end - t_p1) * 1e3)
+        tel.stage("pipeline", (t_end - t_start) * 1e3)
+
+    def _announce(self, frame: Frame, event: Event, payload: dict[str, Any]) -> None:
+        """Log and publish an event already committed to the outbox."""
+        theft = " (possible theft)" if event.possible_theft else ""
+        self.log.emit(
+            "event", f"parcel {event.kind} in {event.zone} at t={event.time:.1f}s{theft}", **payload
+        )
+        self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
+        if self.publisher is None:
+            return
+        self.publisher.kick()
+        q = self.cfg.mqtt
+        if q is None or not q.snapshot:
+            return
+        if event.kind == "removed" and not any(self.pipeline.tracker.present().values()):
+            self.publisher.publish_snapshot(None)
+        elif event.kind == "arrived":
+            from device.draw import parcel_snapshot
+
+            jpeg = parcel_snapshot(frame.image, self.pipeline.tracker.boxes(), q.snapshot_quality)
+            if jpeg is not None:
+                self.publisher.publish_snapshot(jpeg)
+
     def _start_publisher(self) -> None:
         q = self.cfg.mqtt
         if q is None:
             return
         from device.alerts.homeassistant import discovery_configs
-        from device.alerts.mqtt import BrokerSettings, Publisher
-        from device.alerts.outbox import Outbox
+        from device.alerts.mqtt import Publisher
 
-        broker = BrokerSettings(
-            q.url,
-            q.protocol,
-            q.username,
-            q.password_file,
-            q.password_env,
-            q.ca_file,
-            q.cert_file,
-            q.key_file,
-            q.event_expiry_s,
-            discovery_prefix=q.discovery_prefix if q.home_assistant else None,
-        )
-        self.publisher = Publisher(
-            self.cfg.device_id,
-            broker,
-            Outbox(Path(self.cfg.state_dir) / "outbox.sqlite"),
-            q.prefix,
-        )
+        self.publisher = Publisher.from_config(q, self.cfg.device_id, self.outbox)
         if q.home_assistant:
             self.publisher.set_discovery(
                 discovery_configs(
@@ -318,196 +436,43 @@ class Daemon:
         self._publish_state()
         self.publisher.start()
 
-    def state(self) -> dict[str, Any]:
-        m = self.det.manifest
-        return StatePayload(
-            device_id=self.cfg.device_id,
-            present=any(self.tracker.present().values()),
-            zones=self.tracker.present(),
-            count=self.tracker.count(),
-            since=self.tracker.since(),
-            model=ModelInfo(name=m.name, version=m.version, sha256=self.sha),
-            self_test=SelfTest(**self.test),
-            doorstep_version=__version__,
-            runtime=self.det.runtime_version,
-            updated=round(time.time(), 3),
-        ).model_dump(mode="json")
-
-    def _record(self, state: str = "running") -> None:
-        """``<state_dir>/daemon.json``: what ``doorstep-device status`` (and deploy) reads."""
-        m = self.det.manifest
-        ident = None
-        if self.model_dir is not None and self.model_dir.parent.name == "models":
-            ident = self.model_dir.name
-        write_daemon_record(
-            self.store,
-            {
-                "pid": os.getpid(),
-                "state": state,
-                "systemd": "NOTIFY_SOCKET" in os.environ,
-                "model_sha256": self.sha,
-                "bundle_id": ident,
-                "model": {"name": m.name, "version": m.version},
-                "self_test": self.test,
-                "last_reload": self.last_reload,
-                "last_event": self.last_event,
-                "started": self.started,
-                "updated": round(time.time(), 3),
-            },
-        )
-
-    def _publish_state(self) -> None:
+    def _shutdown(self) -> None:
+        self.notify.stopping()
+        counts = self.telemetry.total
+        drained = True
+        if self.publisher is not None and self.cfg.mqtt is not None:
+            drained = self.publisher.drain(timeout=self.cfg.mqtt.drain_timeout_s)
+        report = self._report()
         if self.publisher is not None:
-            self.publisher.publish_state(self.state())
-
-    def _snapshot(self, frame: Frame, event: Event) -> None:
-        q = self.cfg.mqtt
-        if self.publisher is None or q is None or not q.snapshot:
-            return
-        if event.kind == "removed":
-            if not any(self.tracker.present().values()):
-                self.publisher.publish_snapshot(None)
-            return
-        if event.kind != "arrived":
-            return
-        import cv2
-
-        image = frame.image.copy()
-        for x1, y1, x2, y2 in self.tracker.boxes():
-            cv2.rectangle(image, (round(x1), round(y1)), (round(x2), round(y2)), (0, 200, 255), 3)
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q.snapshot_quality])
-        if ok:
-            self.publisher.publish_snapshot(jpeg.tobytes())
-
-    # -- the loop
-    def run(self) -> int:
-        cfg, det, m = self.cfg, self.det, self.det.manifest
+            self.publisher.stop()
         self.log.emit(
-            "start",
-            f"{cfg.device_id} running {m.name} {m.version} on {det.runtime_version} "
-            f"(self-test {self.test['ms']:.1f} ms); log {self.log.path}",
-            device_id=cfg.device_id,
-            model=m.name,
-            version=m.version,
-            sha256=self.sha,
-            runtime=det.runtime_version,
-            self_test=self.test,
-            doorstep_version=__version__,
+            "stop",
+            f"stopped after {counts.frames} frames, {counts.inferences} inferences"
+            + ("" if drained else "; some events were not acknowledged (kept in the outbox)"),
+            frames=counts.frames,
+            inferences=counts.inferences,
+            skipped_by_motion=round(self.pipeline.gate.skipped_fraction, 3)
+            if self.pipeline.gate
+            else 0.0,
+            dropped=self.source.dropped,
+            undelivered=len(self.outbox),
+            stages_ms=report["stages_ms"],
         )
-        self._record()
-        self._start_publisher()
-        tel, counts = self.telemetry, self.telemetry.total
-        last_status = 0.0
-        try:
-            with self.source:
-                self.notify.ready(f"{m.name} {m.version} on {det.runtime_version}")
-                while not self.stop.is_set():
-                    if self.reload.is_set():
-                        self.reload.clear()
-                        self._reload()
-                    t0 = time.perf_counter()
-                    frame = self.source.read(timeout=5.0)
-                    t1 = time.perf_counter()
-                    self.notify.watchdog()  # from the frame loop: no frames, no petting
-                    self.health.sample()
-                    if tel.due():
-                        self._report()
-                    if frame is None:
-                        if self.source.live:
-                            continue  # a live camera that paused: keep waiting
-                        break
-                    tel.stage("capture_wait", (t1 - t0) * 1e3)
-                    counts.frames += 1
-                    counts.dropped = self.source.dropped
-                    if frame.t - last_status >= 10:
-                        last_status = frame.t
-                        self.notify.status(
-                            f"{counts.frames} frames, {counts.inferences} inferences, "
-                            f"present: {self.tracker.present()}"
-                        )
-                    self._frame(frame, t1)
-        finally:
-            self.notify.stopping()
-            drained = True
-            if self.publisher is not None and self.cfg.mqtt is not None:
-                drained = self.publisher.drain(timeout=self.cfg.mqtt.drain_timeout_s)
-            report = self._report()
-            if self.publisher is not None:
-                self.publisher.stop()
-            self.log.emit(
-                "stop",
-                f"stopped after {counts.frames} frames, {counts.inferences} inferences"
-                + ("" if drained else "; some events were not acknowledged (kept in the outbox)"),
-                frames=counts.frames,
-                inferences=counts.inferences,
-                skipped_by_motion=round(self.gate.skipped_fraction, 3),
-                dropped=self.source.dropped,
-                undelivered=len(self.publisher.outbox) if self.publisher is not None else 0,
-                stages_ms=report["stages_ms"],
-            )
-            self.log.close()
-            self._record("stopped")
-        return 0
-
-    def _frame(self, frame: Frame, t_start: float) -> None:
-        """Preprocess (the lores stream when the camera gives one), gate on motion at the
-        model's size, then invoke, decode and track."""
-        tel, det = self.telemetry, self.det
-        h, w = frame.image.shape[:2]
-        src = frame.lores if frame.lores is not None else frame.image
-        det.prepare(src)
-        if self.cfg.motion.enabled:
-            t_gate = time.perf_counter()
-            run = self.gate.should_run(det.transform.canvas, frame.t)
-            tel.stage("motion", (time.perf_counter() - t_gate) * 1e3)
-            if not run:
-                tel.stage("preprocess", det.prepared_ms)
-                tel.total.skipped += 1
-                return
-        tel.total.inferences += 1
-        self.health.inference()
-        dets = det.run()
-        if frame.lores is not None:
-            lores = frame.lores
-            lw, lh = (
-                (lores.width, lores.height)
-                if isinstance(lores, Yuv420Frame)
-                else lores.shape[1::-1]
-            )
-            dets = _scale(dets, w / lw, h / lh)
-        st = det.last_times
-        tel.stage("preprocess", st.preprocess)
-        tel.stage("invoke", st.invoke)
-        tel.stage("decode", st.decode)
-        t_p0 = time.perf_counter()
-        events = self.tracker.update(frame.t, dets, w, h)
-        t_p1 = time.perf_counter()
-        tel.stage("presence", (t_p1 - t_p0) * 1e3)
-        for event in events:
-            payload = EventPayload(
-                **event.to_json(), device_id=self.cfg.device_id, wall_time=round(time.time(), 3)
-            ).model_dump(mode="json")
-            theft = " (possible theft)" if event.possible_theft else ""
-            self.log.emit(
-                "event",
-                f"parcel {event.kind} in {event.zone} at t={event.time:.1f}s{theft}",
-                **payload,
-            )
-            if self.publisher is not None:
-                self.publisher.publish_event(payload)
-                self._snapshot(frame, event)
-            self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
-        if events:
-            self._publish_state()
-            self._record()
-        t_end = time.perf_counter()
-        tel.stage("publish", (t_end - t_p1) * 1e3)
-        tel.stage("pipeline", (t_end - t_start) * 1e3)
+        self.outbox.close()
+        self.log.close()
+        self._record("stopped")
 
     def _report(self) -> dict[str, Any]:
+        self._check_storage()
         fields = self.telemetry.report()
-        fields["outbox"] = len(self.publisher.outbox) if self.publisher is not None else 0
-        payload = TelemetryPayload(device_id=self.cfg.device_id, **fields).model_dump(mode="json")
+        payload = TelemetryPayload(
+            device_id=self.cfg.device_id,
+            outbox=len(self.outbox) if self.cfg.mqtt is not None else 0,
+            source=self._source_status(),
+            storage=self._storage_status(),
+            events_dropped=self._dropped(),
+            **fields,
+        ).model_dump(mode="json")
         pipe = payload["stages_ms"].get("pipeline", {})
         inv = payload["stages_ms"].get("invoke", {})
         self.log.emit(
@@ -528,7 +493,9 @@ class Daemon:
         self.notify.reloading()
         try:
             cfg = self.reload_config()
-            new, new_dir, test = open_detector(cfg)
+            new, new_dir, test = open_detector(
+                cfg.model, cfg.signing.public_keys, Path(cfg.state_dir)
+            )
         except DoorstepError as exc:
             self.last_reload = {"ok": False, "error": str(exc), "time": round(time.time(), 3)}
             self._record()
@@ -541,11 +508,8 @@ class Daemon:
             )
             self.notify.ready("reload failed; old model kept")
             return
-        self.det, self.sha, self.test, self.model_dir = new, model_sha(new), test, new_dir
-        self.tracker.model_sha256 = self.sha
-        roles = new.manifest.labels.roles
-        self.tracker.package_ids = frozenset(roles.get("package", []))
-        self.tracker.person_ids = frozenset(roles.get("person", []))
+        self.pipeline.set_detector(new)
+        self.test, self.model_dir = test, new_dir
         self.last_reload = {"ok": True, "error": None, "time": round(time.time(), 3)}
         self._record()
         m = new.manifest

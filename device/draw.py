@@ -32,3 +32,14 @@ def annotate(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
             out, text, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick
         )
     return out
+
+
+def parcel_snapshot(
+    image: np.ndarray, boxes: Sequence[Sequence[float]], quality: int = 85
+) -> bytes | None:
+    """A JPEG of ``image`` with the parcel ``boxes`` outlined (the retained MQTT snapshot)."""
+    out = image.copy()
+    for x1, y1, x2, y2 in boxes:
+        cv2.rectangle(out, (round(x1), round(y1)), (round(x2), round(y2)), (0, 200, 255), 3)
+    ok, jpeg = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return jpeg.tobytes() if ok else None

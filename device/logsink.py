@@ -3,10 +3,15 @@
 Under systemd stdout is the journal, so it gets short human lines by default (``--log-format
 json`` puts the JSON lines there instead, for scripts and tests). The JSON-lines file keeps
 every record (start, events, telemetry, reloads, stop) and rotates by size.
+
+The file is never worth the daemon's life: a directory that cannot be written at start is
+refused with one line, and a write that fails later (a full disk) is said once on stdout, the
+records go to stdout only, and the file is written again as soon as it can be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -17,6 +22,22 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from device.errors import ConfigError
+from device.storage import Episode, check_writable
+
+
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotating file whose write errors are kept for the sink to report, never printed as a
+    traceback (what ``logging`` does by default)."""
+
+    failure: str | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        exc = sys.exc_info()[1]
+        self.failure = str(exc) if exc is not None else "write failed"
+        stream, self.stream = self.stream, None
+        if stream is not None:  # a half-written buffer: drop it; the file is opened afresh
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def default_log_file(state_dir: Path) -> Path:
@@ -40,18 +61,20 @@ class LogSink:
         self.stdout_format = stdout_format
         self.stream = stream or sys.stdout
         self._file: logging.Logger | None = None
+        self._handler: _RotatingFile | None = None
         self.path = json_file
+        self.storage = Episode()
         if json_file is not None:
-            try:
-                json_file.parent.mkdir(parents=True, exist_ok=True)
-                handler = logging.handlers.RotatingFileHandler(
-                    json_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"{json_file}: cannot write the JSON-lines log: {exc.strerror} "
-                    "(set telemetry.log_file)"
-                ) from None
+            fix = "set telemetry.log_file to a file this user may write, or fix the ownership"
+            short = check_writable(json_file.parent, "JSON-lines log's directory", fix)
+            if json_file.exists() and not os.access(json_file, os.W_OK):
+                raise ConfigError(f"{json_file}: the JSON-lines log is not writable by this user; {fix}")
+            handler = _RotatingFile(
+                json_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
+            )
+            self._handler = handler
+            if short is not None:
+                self.storage.enter(short)
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger = logging.getLogger(f"doorstep.jsonl.{id(self)}")
             logger.propagate = False
@@ -62,8 +85,19 @@ class LogSink:
     def emit(self, kind: str, human: str | None = None, **fields: Any) -> None:
         """Record ``fields`` as one JSON line; print ``human`` (if given) for people."""
         line = json.dumps({"t": round(time.time(), 3), "log": kind, **fields})
-        if self._file is not None:
+        if self._file is not None and self._handler is not None:
+            self._handler.failure = None
             self._file.info(line)
+            failure = self._handler.failure
+            if failure is not None and self.storage.enter(failure):
+                print(
+                    f"doorstep: {self.path}: cannot write the log ({failure}); records go to "
+                    "stdout only until it can be written again",
+                    file=self.stream,
+                    flush=True,
+                )
+            elif failure is None and self.storage.leave():
+                print(f"doorstep: {self.path}: the log is written again", file=self.stream, flush=True)
         if self.stdout_format == "json":
             print(line, file=self.stream, flush=True)
         elif human is not None:

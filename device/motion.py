@@ -7,9 +7,13 @@ A cheap difference of small grayscale frames; with no motion the detector still 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from device.config import MotionConfig
 
 
 @dataclass
@@ -23,6 +27,10 @@ class MotionGate:
     _last_run: float | None = None
     frames: int = 0
     skipped: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: MotionConfig) -> MotionGate:
+        return cls(min_changed=cfg.min_changed, max_idle_s=cfg.max_idle_s)
 
     def should_run(self, image: np.ndarray, t: float) -> bool:
         """Whether to run the detector on this frame (BGR), at frame time ``t``."""

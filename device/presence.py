@@ -13,6 +13,11 @@ its box's centre):
   theft** when a person was seen during that absence;
 * parcel boxes that overlap a person are not counted while the person is there (a person
   carrying a box is not a delivery, and a person in front of the parcel hides it).
+
+Every event of one parcel's stay carries its ``arrival_id`` (the id of its ``arrived``). The
+tracker's state is a plain document (:meth:`PresenceTracker.snapshot`), which the daemon stores
+with the events it raised, in one transaction, and gives back after a restart
+(:meth:`PresenceTracker.restore`): the parcel already there stays the same parcel.
 """
 
 from __future__ import annotations
@@ -21,9 +26,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from device.detect.detector import Detection
+
+if TYPE_CHECKING:
+    from device.config import PresenceConfig
+
+STATE_VERSION = 1
 
 EventKind = Literal["arrived", "reminder", "removed"]
 
@@ -70,6 +80,7 @@ class Event:
     model_sha256: str
     possible_theft: bool = False
     since: float | None = None
+    arrival_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +95,7 @@ class Event:
             "model_sha256": self.model_sha256,
             "possible_theft": self.possible_theft,
             "since": None if self.since is None else round(self.since, 3),
+            "arrival_id": self.arrival_id,
         }
 
 
@@ -95,8 +107,22 @@ class _ZoneState:
     last_seen: float = 0.0
     last_reminder: float = 0.0
     person_during_absence: bool = False
+    arrival_id: str = ""
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     scores: tuple[float, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hits": [bool(h) for h in self.hits],
+            "present": self.present,
+            "since": self.since,
+            "last_seen": self.last_seen,
+            "last_reminder": self.last_reminder,
+            "person_during_absence": self.person_during_absence,
+            "arrival_id": self.arrival_id,
+            "boxes": [list(b) for b in self.boxes],
+            "scores": list(self.scores),
+        }
 
 
 def _covered(box: Sequence[float], other: Sequence[float]) -> float:
@@ -121,6 +147,81 @@ class PresenceTracker:
             raise ValueError("the model has no class with the role 'package': nothing to track")
         n = self.settings.arrive_window
         self._zones = {z.name: _ZoneState(hits=deque(maxlen=n)) for z in self.settings.zones}
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: PresenceConfig,
+        package_ids: frozenset[int],
+        person_ids: frozenset[int] = frozenset(),
+        model_sha256: str = "",
+    ) -> PresenceTracker:
+        """A tracker built from the ``presence`` section alone."""
+        settings = PresenceSettings(
+            cfg.arrive_hits,
+            cfg.arrive_window,
+            cfg.remove_after_s,
+            cfg.reminder_every_s,
+            cfg.person_overlap,
+            tuple(Zone(z.name, tuple(z.polygon) if z.polygon else None) for z in cfg.zones),
+        )
+        return cls(settings, package_ids, person_ids, model_sha256)
+
+    def set_model(
+        self, package_ids: frozenset[int], person_ids: frozenset[int], model_sha256: str
+    ) -> None:
+        """A reloaded model: its classes and sha256 from now on; what is present stays."""
+        if not package_ids:
+            raise ValueError("the model has no class with the role 'package': nothing to track")
+        self.package_ids, self.person_ids, self.model_sha256 = (
+            package_ids,
+            person_ids,
+            model_sha256,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as a JSON-able document (see :meth:`restore`)."""
+        return {
+            "version": STATE_VERSION,
+            "seq": self.seq,
+            "zones": {name: st.to_json() for name, st in self._zones.items()},
+        }
+
+    def restore(self, doc: Any) -> list[str]:
+        """Take back a :meth:`snapshot` after a restart; returns the zones resumed.
+
+        Zones are matched by name (a zone added since starts empty, one removed is dropped);
+        anything malformed resumes nothing rather than half a state. Times in the document are
+        in the same clock as the frames fed after it (the daemon uses Unix time for cameras), so
+        a parcel last seen longer ago than ``remove_after_s`` is removed at the next inference
+        that does not see it, and kept if it is still there."""
+        try:
+            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+                return []
+            zones = doc["zones"]
+            restored: dict[str, _ZoneState] = {}
+            for name in self._zones:
+                z = zones.get(name)
+                if not isinstance(z, dict):
+                    continue
+                n = self.settings.arrive_window
+                restored[name] = _ZoneState(
+                    hits=deque((bool(h) for h in z["hits"]), maxlen=n),
+                    present=bool(z["present"]),
+                    since=float(z["since"]),
+                    last_seen=float(z["last_seen"]),
+                    last_reminder=float(z["last_reminder"]),
+                    person_during_absence=bool(z["person_during_absence"]),
+                    arrival_id=str(z["arrival_id"]),
+                    boxes=tuple(_box(b) for b in z["boxes"]),
+                    scores=tuple(float(v) for v in z["scores"]),
+                )
+            seq = int(doc["seq"])
+        except (KeyError, TypeError, ValueError):
+            return []
+        self._zones.update(restored)
+        self.seq = max(self.seq, seq)
+        return sorted(restored)
 
     def present(self) -> dict[str, bool]:
         return {name: st.present for name, st in self._zones.items()}
@@ -167,6 +268,7 @@ class PresenceTracker:
                 if sum(st.hits) >= self.settings.arrive_hits:
                     st.present, st.since, st.last_seen, st.last_reminder = True, t, t, t
                     st.person_during_absence = False
+                    st.arrival_id = ""  # the arrival's own id, set by _event
                     events.append(self._event("arrived", t, zone.name, st))
                 continue
             if seen:
@@ -192,9 +294,12 @@ class PresenceTracker:
     ) -> Event:
         self.seq += 1
         gone = kind == "removed"
+        ident = self.new_id()
+        if kind == "arrived":
+            st.arrival_id = ident
         return Event(
             kind,
-            self.new_id(),
+            ident,
             self.seq,
             t,
             zone,
@@ -204,4 +309,10 @@ class PresenceTracker:
             self.model_sha256,
             theft,
             st.since,
+            st.arrival_id,
         )
+
+
+def _box(value: Any) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in value)
+    return (x1, y1, x2, y2)

@@ -8,6 +8,8 @@ lifecycle (configure before start, every request released, stop and close)."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import types
 from typing import Any
 
@@ -42,6 +44,8 @@ class StandInRequest:
 class StandInPicamera2:
     image: np.ndarray
     calls: list[str]
+    fail_after: int | None = None  # capture_request raises after this many requests
+    hang_after: int | None = None  # capture_request blocks after this many (a wedged camera)
 
     def __init__(self, camera_num: int = 0) -> None:
         self.config: dict[str, Any] = {}
@@ -63,7 +67,13 @@ class StandInPicamera2:
 
     def capture_request(self) -> StandInRequest:
         self.calls.append("capture_request")
+        if self.fail_after is not None and self.n >= self.fail_after:
+            # what picamera2 raises when libcamera gives up on a dead sensor
+            raise RuntimeError("Camera frontend has timed out!")
+        if self.hang_after is not None and self.n >= self.hang_after:
+            threading.Event().wait(600)  # a wedged camera: the request never completes
         self.n += 1
+        time.sleep(1 / self.config["controls"]["FrameRate"])  # the sensor's frame interval
         return StandInRequest(self, self.n)
 
     def stop(self) -> None:
@@ -73,10 +83,14 @@ class StandInPicamera2:
         self.calls.append("close")
 
 
-def install(image: np.ndarray) -> list[str]:
-    """Put the stand-in into ``sys.modules['picamera2']``; return its call log."""
+def install(
+    image: np.ndarray, fail_after: int | None = None, hang_after: int | None = None
+) -> list[str]:
+    """Put the stand-in into ``sys.modules['picamera2']``; return its call log. With
+    ``fail_after`` / ``hang_after`` its camera dies / wedges after that many frames."""
     calls: list[str] = []
-    cls = type("Picamera2", (StandInPicamera2,), {"image": image, "calls": calls})
+    attrs = {"image": image, "calls": calls, "fail_after": fail_after, "hang_after": hang_after}
+    cls = type("Picamera2", (StandInPicamera2,), attrs)
     module = types.ModuleType("picamera2")
     module.Picamera2 = cls  # type: ignore[attr-defined]
     sys.modules["picamera2"] = module

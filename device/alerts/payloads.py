@@ -54,6 +54,10 @@ class EventPayload(_Payload):
     model_sha256: str = Field(description="sha256 of the .tflite that decided it")
     possible_theft: bool = Field(description="removed while a person was in view")
     since: float | None = Field(description="frame time the parcel arrived")
+    arrival_id: str = Field(
+        description="id of this parcel's `arrived` event (the same on its reminders and its "
+        "removal, also across a daemon restart)"
+    )
 
 
 class ModelInfo(_Payload):
@@ -67,6 +71,36 @@ class SelfTest(_Payload):
     ms: float = Field(description="one inference on a synthetic frame, milliseconds")
     time: float = Field(description="Unix time of the test")
     error: str | None = None
+
+
+class SourceStatus(_Payload):
+    """Whether frames are coming."""
+
+    status: Literal["ok", "stalled"] = "ok"
+    last_frame_age_s: float | None = Field(
+        None, description="seconds since the last frame (null before the first)"
+    )
+    error: str | None = Field(None, description="why the source is stalled")
+
+
+class StorageStatus(_Payload):
+    """Whether the state directory takes writes (a full disk makes it degraded)."""
+
+    status: Literal["ok", "degraded"] = "ok"
+    error: str | None = None
+    events_in_memory: int = Field(
+        0, ge=0, description="events held only in memory until the disk takes them again"
+    )
+
+
+class DroppedEvents(_Payload):
+    """Events given up since the daemon started, by reason."""
+
+    full: int = Field(0, ge=0, description="the outbox bound (mqtt.outbox_max_events) was reached")
+    expired: int = Field(0, ge=0, description="older than mqtt.event_expiry_s before delivery")
+    memory: int = Field(
+        0, ge=0, description="the disk was full and the memory queue (mqtt.memory_queue_events) too"
+    )
 
 
 class StatePayload(_Payload):
@@ -84,6 +118,9 @@ class StatePayload(_Payload):
     self_test: SelfTest = Field(description="the last self-test inference (start, reload)")
     doorstep_version: str
     runtime: str
+    source: SourceStatus = SourceStatus()
+    storage: StorageStatus = StorageStatus()
+    events_dropped: DroppedEvents = DroppedEvents()
     updated: float = Field(description="Unix time of this state")
 
 
@@ -129,6 +166,9 @@ class TelemetryPayload(_Payload):
     throttled: dict[str, bool] | None = Field(description="vcgencmd get_throttled flags, Pi only")
     power: PowerStats | None
     outbox: int = Field(ge=0, description="events waiting for the broker's acknowledgement")
+    source: SourceStatus = SourceStatus()
+    storage: StorageStatus = StorageStatus()
+    events_dropped: DroppedEvents = DroppedEvents()
 
 
 PAYLOADS: dict[str, type[BaseModel]] = {

@@ -1,4 +1,11 @@
-"""What every frame source shares: the frame, the interface, the latest-frame slot."""
+"""What every frame source shares: the frame, the interface, the latest-frame slot.
+
+A source's ``read(timeout)`` returns the next frame, or ``None`` when none came within
+``timeout`` (a live camera that is slow or stalled) or the source has ended (``ended`` is then
+true: a file or folder played to its end, a live replay of a file at its end). A source whose
+capture failed for good raises :class:`SourceError` from ``read``, naming the source and the
+error, so the daemon can stop with a non-zero exit and let systemd restart it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,11 @@ from types import TracebackType
 import numpy as np
 
 from device.detect.preprocess import Yuv420Frame
+from device.errors import DoorstepError
+
+
+class SourceError(DoorstepError):
+    """The frame source failed for good (its capture thread died, the camera is gone)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,12 @@ class FrameSource(ABC):
 
     live: bool = False
     dropped: int = 0
+    ended: bool = False
     _capturer: CaptureThread | None = None
+
+    def describe(self) -> str:
+        """How the source is named in log lines and errors."""
+        return type(self).__name__
 
     # -- for live sources: a capture thread feeding a latest-frame slot
     def _start_capture(
@@ -39,9 +56,15 @@ class FrameSource(ABC):
         self._capturer.start()
 
     def _read_captured(self, timeout: float) -> Frame | None:
+        """The newest captured frame; ``None`` on timeout or at a clean end (``ended``); raises
+        :class:`SourceError` once the capture thread died of an error."""
         if self._capturer is None:
             return None
         frame, self.dropped = self._capturer.read(timeout)
+        if frame is None and self._capturer.finished:
+            if self._capturer.error is not None:
+                raise SourceError(f"{self.describe()}: capture failed: {self._capturer.error}")
+            self.ended = True
         return frame
 
     def _stop_capture(self) -> None:
@@ -93,6 +116,10 @@ class LatestSlot:
             self._closed = True
             self._cond.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def get(self, timeout: float) -> Frame | None:
         """The newest unread frame, or ``None`` on timeout or once closed and drained."""
         with self._cond:
@@ -106,14 +133,22 @@ class CaptureThread:
 
     def __init__(self, name: str, loop: Callable[[threading.Event, LatestSlot], None]) -> None:
         self.slot = LatestSlot()
+        self.error: str | None = None  # why the loop died, when it did not end cleanly
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(loop,), name=name, daemon=True)
 
     def _run(self, loop: Callable[[threading.Event, LatestSlot], None]) -> None:
         try:
             loop(self._stop, self.slot)
+        except Exception as exc:  # any camera library error: the consumer must hear of it
+            self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         finally:
             self.slot.close()
+
+    @property
+    def finished(self) -> bool:
+        """The loop has returned (or died) and every frame it delivered was taken."""
+        return self.slot.closed
 
     def start(self) -> None:
         self._thread.start()

@@ -18,6 +18,9 @@ class FolderSource(FrameSource):
         self._files: list[Path] = []
         self._next = 0
 
+    def describe(self) -> str:
+        return f"frame folder {self.path}"
+
     def open(self) -> None:
         if not self.path.is_dir():
             raise DoorstepError(f"frame folder {self.path} does not exist")
@@ -36,6 +39,7 @@ class FolderSource(FrameSource):
             if image is not None:
                 return Frame(image, i / self.fps, i)
             self.dropped += 1  # unreadable file: skipped and counted
+        self.ended = True
         return None
 
     def close(self) -> None:

@@ -39,6 +39,9 @@ class OpenCVSource(FrameSource):
         self._rate = 0.0
         self.reconnects = 0
 
+    def describe(self) -> str:
+        return f"opencv source {self.uri!r}"
+
     def _open_capture(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self.uri)
         if not cap.isOpened():
@@ -52,6 +55,7 @@ class OpenCVSource(FrameSource):
         self._cap = self._open_capture()
         self._rate = self.fps or self._cap.get(cv2.CAP_PROP_FPS) or 10.0
         self._index = 0
+        self.ended = False
         if self.live:
             self._start_capture("capture", self._capture)
 
@@ -92,6 +96,7 @@ class OpenCVSource(FrameSource):
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
             ok, image = self._cap.read()
         if not ok:
+            self.ended = True
             return None
         frame = Frame(image, self._index / self._rate, self._index)
         self._index += 1

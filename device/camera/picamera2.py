@@ -40,6 +40,9 @@ class Picamera2Source(FrameSource):
         self.lores_format, self.camera = lores_format, camera
         self._cam: Any = None
 
+    def describe(self) -> str:
+        return f"camera {self.camera} (picamera2)"
+
     def open(self) -> None:
         try:
             from picamera2 import Picamera2

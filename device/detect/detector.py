@@ -51,6 +51,22 @@ class StageTimes:
         return self.preprocess + self.invoke + self.decode
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A frame preprocessed into the interpreter's input, ready for :meth:`Detector.run`.
+
+    ``canvas`` is the frame at the model's size (uint8), which the daemon's motion gate reads
+    instead of touching the full frame again. The interpreter has one input buffer, so a
+    ``Prepared`` is good until the next :meth:`Detector.prepare`; ``run`` refuses a stale one.
+    """
+
+    geometry: Geometry
+    canvas: np.ndarray
+    ms: float
+    seq: int
+    done: float  # perf_counter() when preprocessing ended
+
+
 def load_model(path: str | Path | None, labels: str | Path | None = None, **options: Any) -> Bundle:
     """A bundle directory/.tar (verified), a bare ``.tflite`` described on the fly, or (``None``)
     the default parcel bundle shipped with doorstep."""
@@ -111,6 +127,7 @@ class Detector:
         )
         self.labels = m.labels.names
         self.last_times = StageTimes(0.0, 0.0, 0.0)
+        self._seq = 0
 
     @classmethod
     def open(
@@ -186,11 +203,8 @@ class Detector:
             )
         self.interpreter.set_tensor(self._input_index, tensor)
 
-    def prepare(self, frame: np.ndarray | Yuv420Frame) -> Geometry:
-        """Preprocess ``frame`` into the model's input (the first half of :meth:`detect`).
-
-        ``self.transform.canvas`` then holds the frame at the model's size (uint8), which the
-        daemon's motion gate reads instead of touching the full frame again."""
+    def prepare(self, frame: np.ndarray | Yuv420Frame) -> Prepared:
+        """Preprocess ``frame`` into the model's input (the first half of :meth:`detect`)."""
         t0 = time.perf_counter()
         buffer = self.interpreter.tensor(self._input_index)()  # the interpreter's own input
         result = None
@@ -202,18 +216,13 @@ class Detector:
             # No view of the interpreter's memory may outlive this call: invoke() refuses to
             # run while one exists.
             del buffer, result
-        self._prepared = (geo, t0, time.perf_counter())
-        return geo
-
-    @property
-    def prepared_ms(self) -> float:
-        """Milliseconds the last :meth:`prepare` took."""
-        _, t0, t1 = self._prepared
-        return (t1 - t0) * 1e3
+        self._seq += 1
+        t1 = time.perf_counter()
+        return Prepared(geo, self.transform.canvas, (t1 - t0) * 1e3, self._seq, t1)
 
     def infer(self, frame: np.ndarray | Yuv420Frame) -> tuple[dict[str, Output], Geometry]:
         """Preprocess and invoke; return the raw outputs and the frame geometry."""
-        geo = self.prepare(frame)
+        geo = self.prepare(frame).geometry
         self.interpreter.invoke()
         return self._outputs_now(), geo
 
@@ -246,19 +255,22 @@ class Detector:
 
     def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:
         """Detections on one frame, best first, with boxes in the frame's pixels."""
-        self.prepare(frame)
-        return self.run()
+        return self.run(self.prepare(frame))
 
-    def run(self) -> list[Detection]:
-        """Invoke on the input :meth:`prepare` set, and decode (the second half of detect)."""
-        geo, t0, t1 = self._prepared
+    def run(self, prepared: Prepared) -> list[Detection]:
+        """Invoke on what :meth:`prepare` returned, and decode (the second half of detect)."""
+        if prepared.seq != self._seq:
+            raise DetectorError(
+                "run() was given a stale Prepared: another frame was prepared since"
+            )
+        t1 = time.perf_counter()
         self.interpreter.invoke()
         t2 = time.perf_counter()
         outputs = self._outputs_now()
         self._last_outputs = outputs
-        dets = self.decode(outputs, geo)
+        dets = self.decode(outputs, prepared.geometry)
         t3 = time.perf_counter()
-        self.last_times = StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        self.last_times = StageTimes(prepared.ms, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return dets
 
     def last_peak_score(self) -> float:
