@@ -233,7 +233,10 @@ class Mosquitto:
 
     ``users`` turns anonymous access off and writes a password file (with ``mosquitto_passwd``
     unless ``hash_in_python``); ``tls`` makes the listener TLS-only; ``require_certificate``
-    also demands a client certificate signed by ``tls.cafile`` (mutual TLS).
+    also demands a client certificate signed by ``tls.cafile`` (mutual TLS); ``persistence``
+    keeps sessions, their subscriptions and queued messages, and retained messages across a
+    restart (in ``mosquitto.db``), so a subscriber with a persistent session misses nothing
+    that was published while it was away, whenever it comes back.
     Files live in ``workdir``: ``mosquitto.conf``, ``mosquitto.log`` (the broker's own log,
     everything), ``mosquitto.out`` (its stdout and stderr) and ``passwd``.
     """
@@ -246,6 +249,7 @@ class Mosquitto:
         tls: TlsFiles | None = None,
         require_certificate: bool = False,
         hash_in_python: bool = False,
+        persistence: bool = False,
     ) -> None:
         exe = find_tool("mosquitto")
         if exe is None:
@@ -259,6 +263,7 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})
         self.tls, self.require_certificate = tls, require_certificate
+        self.persistence = persistence
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.out = workdir / "mosquitto.out"
@@ -280,7 +285,8 @@ class Mosquitto:
     def _config(self) -> str:
         lines = [
             f"listener {self.port} {HOST}",
-            "persistence false",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
             f"log_dest file {self.log}",
             "log_type all",
             "connection_messages true",

@@ -75,16 +75,17 @@ class LineReader:
     def record_until(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float
     ) -> dict[str, Any]:
-        """For JSON-lines output: the first record that satisfies ``predicate``."""
+        """For JSON-lines output: the first record (a JSON object) that satisfies ``predicate``;
+        other lines (a notice for people) are skipped."""
         deadline = time.monotonic() + timeout
         while True:
             line = self.next(max(0.0, deadline - time.monotonic()))
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise self._fail(f"not a JSON line: {line!r}") from None
-            if predicate(record):
-                return record  # type: ignore[no-any-return]
+                continue
+            if isinstance(record, dict) and predicate(record):
+                return record
 
     def rest(self, timeout: float) -> list[str]:
         """Wait (bounded) for the end of the stream; the lines not taken yet."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from brokers import Mosquitto
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.alerts.mqtt import BrokerSettings, Publisher
@@ -18,13 +20,21 @@ from device.errors import ConfigError
 
 
 class Listener:
-    """A subscriber, as Home Assistant or a script would be."""
+    """A subscriber, as Home Assistant or a script would be.
 
-    def __init__(self, url: str, topic: str = "doorstep/#") -> None:
+    With ``session`` (a client id) the session is persistent: the broker keeps the subscription
+    while the listener is away (and across its own restart, if it has ``persistence``), queues
+    what is published meanwhile, and a new ``Listener`` with the same ``session`` receives it.
+    A test that restarts the broker uses that rather than racing to subscribe first.
+    """
+
+    def __init__(self, url: str, topic: str = "doorstep/#", session: str | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.got = threading.Condition()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"listener-{time.monotonic_ns()}"
+            CallbackAPIVersion.VERSION2,
+            client_id=session or f"listener-{time.monotonic_ns()}",
+            clean_session=session is None,
         )
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
@@ -33,7 +43,7 @@ class Listener:
         host, port = url.removeprefix("mqtt://").split(":")
         self.client.connect(host, int(port))
         self.client.loop_start()
-        assert subscribed.wait(10), "the listener could not subscribe"
+        assert subscribed.wait(30), "the listener could not subscribe"
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         with self.got:
@@ -43,13 +53,13 @@ class Listener:
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(p) for t, p, _ in self.messages if t.endswith("/events")]
 
-    def wait(self, predicate: Any, timeout: float = 10.0) -> bool:
+    def wait(self, predicate: Any, timeout: float = 30.0) -> bool:
         with self.got:
             return self.got.wait_for(lambda: predicate(self), timeout)
 
     def close(self) -> None:
+        self.client.disconnect()  # sent by the loop, which then ends
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def event(n: int) -> dict[str, Any]:
@@ -89,24 +99,28 @@ def test_last_will_says_offline_when_the_daemon_dies(mosquitto: Any, tmp_path: P
     listener.close()
 
 
-def test_broker_outage_loses_nothing(mosquitto: Any, tmp_path: Path) -> None:
-    pub = Publisher("door1", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "outbox.sqlite"))
+def test_broker_outage_loses_nothing(
+    make_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    broker = make_mosquitto(persistence=True)
+    # A persistent session: the broker keeps the subscription and queues for it across its
+    # restart, so the listener gets what is sent before it is back (no race to subscribe).
+    listener = Listener(broker.url, session="outage-listener")
+    pub = Publisher("door1", BrokerSettings(url=broker.url), Outbox(tmp_path / "outbox.sqlite"))
     pub.start()
-    assert pub.connected.wait(10)
+    assert pub.connected.wait(30)
     pub.publish_event(event(0))
-    assert pub.drain(10)
-    mosquitto.stop()
+    assert pub.drain(30)
+    assert listener.wait(lambda li: [e["id"] for e in li.events()] == ["e0"])
+    listener.close()
+    broker.stop()
     for n in range(1, 4):  # raised while the broker is down: kept on disk
         pub.publish_event(event(n))
     assert len(pub.outbox) == 3
-    mosquitto.start()
-    listener = Listener(
-        mosquitto.url
-    )  # subscribes before the publisher reconnects (backoff >= 1 s)
-    assert pub.drain(30)
-    assert listener.wait(
-        lambda li: {"e1", "e2", "e3"} <= {e["id"] for e in li.events()}, timeout=15
-    )
+    broker.start()
+    assert pub.drain(60)  # acknowledged by the broker: queued for the listener's session
+    listener = Listener(broker.url, session="outage-listener")
+    assert listener.wait(lambda li: {"e1", "e2", "e3"} <= {e["id"] for e in li.events()})
     # all three arrive (a resend after a reconnect may repeat one: receivers de-duplicate by id)
     assert {e["id"] for e in listener.events()} == {"e1", "e2", "e3"}
     pub.stop()

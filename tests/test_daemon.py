@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
+from brokers import Mosquitto
+from childproc import LineReader, stop
 from conftest import SHARED
 from test_alerts import Listener
 
@@ -166,7 +169,7 @@ def test_discovery_is_sent_again_when_home_assistant_comes_online(
     pub = Publisher("door9", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "o.sqlite"))
     pub.set_discovery(discovery_configs("door9", pub.base, "m", "0"))
     pub.start()
-    assert pub.connected.wait(10)
+    assert pub.connected.wait(30)
     topic = "homeassistant/+/doorstep_door9/+/config"
     first = Listener(mosquitto.url, topic=topic)
     assert first.wait(lambda li: len(li.messages) == 6)  # live or retained, depending on timing
@@ -177,7 +180,7 @@ def test_discovery_is_sent_again_when_home_assistant_comes_online(
     ha = mqtt.Client(CallbackAPIVersion.VERSION2)
     ha.connect("127.0.0.1", mosquitto.port)
     ha.loop_start()
-    ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+    ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(30)
     assert listener.wait(lambda li: len(li.messages) == 12)  # sent again, live this time
     assert not any(retained for _, _, retained in listener.messages[6:])
     ha.loop_stop()
@@ -186,34 +189,38 @@ def test_discovery_is_sent_again_when_home_assistant_comes_online(
     listener.close()
 
 
-def test_broker_down_during_the_run_loses_no_event(mosquitto: Any, tmp_path: Path) -> None:
+def test_broker_down_during_the_run_loses_no_event(
+    make_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
     """The broker is gone while the parcel comes and goes; it returns while the daemon drains:
     both events arrive, each id once."""
     write_frames(render_demo(), tmp_path / "frames")
-    mosquitto.stop()
+    broker = make_mosquitto(persistence=True)
+    # A persistent session, kept across the broker's restart: the listener gets the events
+    # whenever it is back, however soon the daemon reconnects.
+    Listener(broker.url, session="porch-listener").close()
+    broker.stop()
     proc = subprocess.Popen(
         daemon_cmd(
-            tmp_path, "--source", str(tmp_path / "frames"), "--fps", "2", "--broker", mosquitto.url
+            tmp_path, "--source", str(tmp_path / "frames"), "--fps", "2", "--broker", broker.url
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # wait until both events were decided, with no broker
-        entry = json.loads(line)
-        if entry["log"] == "event":
-            seen.append(entry["id"])
-        if len(seen) == 2:
-            break
-    mosquitto.start()
-    listener = Listener(mosquitto.url)  # before the daemon's reconnect (backoff >= 1 s)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    stop = json.loads(out.splitlines()[-1])
-    assert stop["log"] == "stop" and stop["undelivered"] == 0
-    assert listener.wait(lambda li: {e["id"] for e in li.events()} >= set(seen), timeout=15)
+    out, err = LineReader(proc.stdout, "daemon stdout"), LineReader(proc.stderr, "daemon stderr")
+    try:
+        # wait until both events were decided, with no broker
+        seen = [out.record_until(lambda r: r["log"] == "event", timeout=120)["id"] for _ in "12"]
+        broker.start()
+        rest = out.rest(timeout=120)  # the daemon drains its outbox, then stops
+    finally:
+        code = stop(proc)
+    assert code == 0, err.text()
+    stop_record = json.loads(rest[-1])
+    assert stop_record["log"] == "stop" and stop_record["undelivered"] == 0
+    listener = Listener(broker.url, session="porch-listener")
+    assert listener.wait(lambda li: {e["id"] for e in li.events()} >= set(seen))
     assert sorted({e["id"] for e in listener.events()}) == sorted(seen)
     listener.close()
 

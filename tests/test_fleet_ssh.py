@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import random
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -246,15 +245,27 @@ def test_unreachable_devices_are_reported_while_the_others_succeed(ssh_fleet: Ss
             ssh_fleet[2],
         ]
 
+        # What happened, in order: when each device's work began and when the hung one gave up.
+        log: list[tuple[str, str]] = []
+
         async def hello(target: Target | SshDevice) -> str:
-            async with connect(target, connect_timeout=1.0) as conn:
-                return (await conn.run(["echo", target.name])).stdout.strip()
+            log.append(("began", target.name))
+            # 1 s for the hung device, plenty for the live ones (a busy machine is slow to
+            # shake hands, and their success is not what this test times).
+            timeout = 1.0 if target is hung else 60.0
+            try:
+                async with connect(target, connect_timeout=timeout) as conn:
+                    return (await conn.run(["echo", target.name])).stdout.strip()
+            except UnreachableError:
+                log.append(("failed", target.name))
+                raise
 
-        started = time.monotonic()
         outcomes = asyncio.run(run_all(targets, hello, limit=5))
-        elapsed = time.monotonic() - started
 
-    assert elapsed < 5.0, "a dead device must not hold up the fleet beyond its connect timeout"
+    # The hung device did not hold up the fleet: every device's work began before it gave up
+    # (door3 comes after it in the list), and it gave up after its own 1 s connect timeout.
+    gave_up = log.index(("failed", "door-hung"))
+    assert {name for what, name in log[:gave_up] if what == "began"} == {t.name for t in targets}
     by_name = {o.item.name: o for o in outcomes}
     for device in ssh_fleet:
         assert by_name[device.name].value == device.name
@@ -267,7 +278,7 @@ def test_unreachable_devices_are_reported_while_the_others_succeed(ssh_fleet: Ss
 
 def test_a_stopped_device_is_unreachable_until_it_comes_back(ssh_fleet: SshFleet) -> None:
     async def hello(device: SshDevice) -> str:
-        async with connect(device, connect_timeout=2.0) as conn:
+        async with connect(device, connect_timeout=60.0) as conn:  # refused at once when down
             return (await conn.run("echo up")).stdout.strip()
 
     ssh_fleet[1].stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import stat
 import time
@@ -576,13 +577,25 @@ def test_rss_grows_with_a_touched_50_mb_array() -> None:
 
 
 def test_process_cpu_sees_a_busy_loop() -> None:
-    cpu = ProcessCpu()
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
+    """The share is this process's own CPU time over the clock's time: spin until the kernel
+    has charged 0.3 s of CPU to us (however long that takes on a busy machine), let the clock
+    say one second passed, and the sample is those 0.3 s; then a second with no work is ~0."""
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    wall = [0.0]
+    cpu = ProcessCpu(clock=lambda: wall[0])
+    spent = cpu_seconds()
+    while cpu_seconds() - spent < 0.3:
         pass
-    assert cpu.sample() > 0.5
-    time.sleep(0.2)
-    assert cpu.sample() < 0.5
+    spent = cpu_seconds() - spent
+    wall[0] += 1.0
+    busy = cpu.sample()
+    assert 0.28 <= busy <= spent + 0.05  # os.times() counts in clock ticks (10 ms)
+    wall[0] += 1.0
+    assert cpu.sample() < 0.05  # nothing ran between the two samples
 
 
 def test_system_cpu_counts_guest_time_once(tmp_path: Path) -> None:

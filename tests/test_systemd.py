@@ -10,10 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from childproc import LineReader, stop
 
 from device.models import DEFAULT_BUNDLE
 from host.render import render_demo, write_frames
@@ -28,7 +28,9 @@ def test_unit_verifies_with_the_real_binary(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "doorstep-device"
     unit = tmp_path / "doorstep-device.service"
     unit.write_text(UNIT.read_text().replace("/opt/doorstep/bin/doorstep-device", str(exe)))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
     text = UNIT.read_text()
     for line in (
@@ -90,26 +92,29 @@ def test_sighup_with_a_corrupt_bundle_keeps_serving_the_old_model(
     config = (
         f"device_id: d1\nstate_dir: s\nmodel:\n  path: {bundle}\n"
         f"source:\n  type: opencv\n  uri: {traffic_video}\n  loop: true\n"
+        "telemetry:\n  interval_s: 0.5\n"
     )
     proc = _daemon(tmp_path, None, config)  # a looping video: a source that never ends
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline())
-    assert first["log"] == "start"
-    model = bundle / "model.tflite"
-    data = bytearray(model.read_bytes())
-    data[100_000] ^= 0xFF
-    model.write_bytes(bytes(data))  # the new "deployment" is corrupt
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGHUP)
-    line = json.loads(proc.stdout.readline())
-    while line["log"] != "reload_failed":
-        line = json.loads(proc.stdout.readline())
-    assert "does not match the manifest" in line["error"] and line["sha256"] == first["sha256"]
-    time.sleep(1.0)  # still serving: frames keep flowing
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    stop = json.loads(out.strip().splitlines()[-1])
-    assert (
-        stop["log"] == "stop" and stop["frames"] > 20
-    )  # the looping video went on after the reload
+    out, err = LineReader(proc.stdout, "daemon stdout"), LineReader(proc.stderr, "daemon stderr")
+    try:
+        first = out.record_until(lambda r: True, timeout=90)
+        assert first["log"] == "start"
+        model = bundle / "model.tflite"
+        data = bytearray(model.read_bytes())
+        data[100_000] ^= 0xFF
+        model.write_bytes(bytes(data))  # the new "deployment" is corrupt
+        proc.send_signal(signal.SIGHUP)  # its handler is installed before "start" is logged
+        line = out.record_until(lambda r: r["log"] == "reload_failed", timeout=90)
+        assert "does not match the manifest" in line["error"] and line["sha256"] == first["sha256"]
+        # Still serving: the second telemetry report after the failed reload covers only time
+        # after it (the first may span it), and it counts new frames and inferences.
+        out.record_until(lambda r: r["log"] == "telemetry", timeout=60)
+        after = out.record_until(lambda r: r["log"] == "telemetry", timeout=60)
+        assert after["frames"] > 0 and after["inferences"] > 0, after
+        proc.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in out.rest(timeout=60) if line.startswith("{")]
+    finally:
+        code = stop(proc)
+    assert code == 0, err.text()
+    assert rest and rest[-1]["log"] == "stop"
+    assert not [r for r in rest if r["log"] in ("reloaded", "reload_failed")]  # one reload only
