@@ -316,7 +316,7 @@ class Daemon:
         tel, counts = self.telemetry, self.telemetry.total
         stall_s = getattr(self.source_cfg, "stall_s", 10.0)
         offset: float | None = None
-        last_status = 0.0
+        last_status = maintain_at = 0.0
         self.last_frame = time.monotonic()  # the stall clock starts when the source opened
         while not self.stop.is_set():
             if self.reload.is_set():
@@ -326,6 +326,10 @@ class Daemon:
             frame = self.source.read(timeout=min(1.0, stall_s / 2))
             t1 = time.perf_counter()
             self.health.sample()
+            if t1 >= maintain_at:  # retry a full disk, drop expired events, say what changed
+                maintain_at = t1 + 1.0
+                self.outbox.maintain()
+                self._check_storage()
             if tel.due():
                 self._report()
             if frame is None:

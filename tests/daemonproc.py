@@ -157,3 +157,34 @@ def wait_file(path: Path, predicate: Callable[[Path], bool], timeout: float) -> 
             pass
         time.sleep(0.05)
     return False
+
+
+class Scene:
+    """What a still-image "camera" sees: a file the daemon's ``still`` source re-reads when it
+    is replaced (atomically, by a rename, so the daemon never reads half an image)."""
+
+    def __init__(self, path: Path, images: dict[str, Any]) -> None:
+        self.path, self.images = path, images
+        self.current: str | None = None
+
+    def show(self, name: str) -> None:
+        import cv2
+
+        tmp = self.path.with_name(f".{self.path.name}.tmp.png")
+        assert cv2.imwrite(str(tmp), self.images[name])
+        os.replace(tmp, self.path)
+        self.current = name
+
+
+def porch_scenes(shared: Path, coco_samples: Path) -> dict[str, Any]:
+    """A fixed camera's view as real photos: ``empty`` (owl.jpg, no parcel) and ``parcel``
+    (a real doorstep parcel from packages-v6), both 640x480."""
+    import cv2
+    import pytest
+
+    parcels = shared / "data" / "packages-v6" / "test" / "images"
+    if not parcels.is_dir():
+        pytest.skip(f"needs {parcels} (the project's shared data)")
+    empty = cv2.resize(cv2.imread(str(coco_samples / "owl.jpg")), (640, 480))
+    parcel = cv2.resize(cv2.imread(str(sorted(parcels.glob("*.jpg"))[0])), (640, 480))
+    return {"empty": empty, "parcel": parcel}
