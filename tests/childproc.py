@@ -109,3 +109,17 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 30) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(timeout)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """``proc.communicate()`` bounded: its stdout and stderr once it ended by itself within
+    ``timeout`` s; otherwise it is killed and the test fails with what it printed."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(
+            f"{proc.args!r} did not end within {timeout:g} s (killed); stderr:\n"
+            + (err or "(not captured)")[-3000:]
+        ) from None

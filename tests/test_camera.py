@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from brokers import wait_until
 
 from device.camera.base import Frame, LatestSlot
 from device.camera.folder import FolderSource
@@ -38,12 +38,15 @@ def test_fps_override_and_loop(traffic_video: Path) -> None:
 
 def test_live_capture_keeps_only_the_newest_frame_and_counts_drops(traffic_video: Path) -> None:
     with OpenCVSource(str(traffic_video), live=True) as src:  # a file paced at 30 fps in a thread
-        time.sleep(0.5)  # a slow consumer: several frames arrive meanwhile
-        first = src.read(timeout=2)
+        # A slow consumer: it reads only once the camera has replaced two unread frames.
+        capturer = src._capturer
+        assert capturer is not None
+        assert wait_until(lambda: capturer.slot.dropped >= 2, timeout=30)
+        first = src.read(timeout=10)
         assert first is not None and first.index >= 2  # not the first frame: the newest
-        assert src.dropped >= 1
+        assert src.dropped >= 2
         rest = []
-        while (f := src.read(timeout=2)) is not None:
+        while (f := src.read(timeout=10)) is not None:
             rest.append(f.index)
     assert rest == sorted(rest) and first.index not in rest  # never the same frame twice
 
@@ -73,11 +76,11 @@ def test_slot_get_waits_and_close_wakes() -> None:
     slot = LatestSlot()
     img = np.zeros((2, 2, 3), np.uint8)
     threading.Timer(0.05, lambda: slot.put(Frame(img, 0.0, 0))).start()
-    got = slot.get(timeout=2)
+    got = slot.get(timeout=30)
     assert got is not None and got.index == 0
     assert slot.get(timeout=0.05) is None  # nothing newer
     threading.Timer(0.05, slot.close).start()
-    assert slot.get(timeout=2) is None
+    assert slot.get(timeout=30) is None  # woken by close (the timeout is only the backstop)
 
 
 def test_motion_gate_skips_a_static_scene_but_runs_every_few_seconds(traffic_video: Path) -> None:
@@ -117,8 +120,8 @@ def test_picamera2_adapter_gives_both_streams_of_one_request(
         main_size=(1024, 860), lores_size=(320, 270), fps=10, lores_format=lores_format
     )
     with src:
-        frame = src.read(timeout=5)
-        nxt = src.read(timeout=5)
+        frame = src.read(timeout=30)
+        nxt = src.read(timeout=30)
     assert frame is not None and nxt is not None and nxt.index > frame.index and nxt.t > frame.t
     assert frame.image.shape == (860, 1024, 3)
     det = Detector.open(ssd_model, ssd_labels)

@@ -27,7 +27,9 @@ def test_importing_every_device_module_loads_no_tensorflow_keras_or_host() -> No
         f"for m in {modules!r}: importlib.import_module(m)\n"
         f"print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] in {FORBIDDEN!r})))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert json.loads(out.stdout) == []
 
 
@@ -48,5 +50,7 @@ def test_importing_device_cli_stays_light() -> None:
     """The CLI module imports no runtime, OpenCV or pydantic until a command needs them."""
     heavy = ("cv2", "tflite_runtime", "ai_edge_litert", "pydantic")
     code = f"import sys, device.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "[]"

@@ -71,7 +71,7 @@ class Subscriber:
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect(host, int(port))
         self.client.loop_start()
-        if not subscribed.wait(10):
+        if not subscribed.wait(30):
             self.close()
             raise AssertionError(f"the subscriber could not subscribe to {topic} at {url}")
 
@@ -84,7 +84,7 @@ class Subscriber:
         with self.got:
             return [p for t, p in self.messages if t.endswith(suffix)]
 
-    def wait(self, predicate: Callable[[Subscriber], Any], timeout: float = 10.0) -> bool:
+    def wait(self, predicate: Callable[[Subscriber], Any], timeout: float = 30.0) -> bool:
         with self.got:
             return bool(self.got.wait_for(lambda: predicate(self), timeout))
 
@@ -135,7 +135,7 @@ def delivered(sub: Subscriber, event_id: str) -> bool:
 
 def refused_in_log(broker: Mosquitto, marker: str, since: int) -> bool:
     """Wait (bounded) until the broker's log, past offset ``since``, shows ``marker``."""
-    return wait_until(lambda: marker in broker.log_text()[since:], timeout=10)
+    return wait_until(lambda: marker in broker.log_text()[since:], timeout=30)
 
 
 def secret_file(tmp_path: Path, secret: str) -> Path:
@@ -164,9 +164,9 @@ def test_password_from_a_file_delivers(
         password_file=secret_file(tmp_path, PASSWORD),
     )
     pub = start(settings, tmp_path / "outbox.sqlite", closing)
-    assert pub.connected.wait(10), mosquitto_password.log_tail()
+    assert pub.connected.wait(30), mosquitto_password.log_tail()
     pub.publish_event(event(1))
-    assert pub.drain(10)
+    assert pub.drain(30)
     assert delivered(sub, "e1")
     assert f"u'{DEVICE_USER}'" in mosquitto_password.log_text()  # it logged in as that user
 
@@ -185,9 +185,9 @@ def test_password_from_an_environment_variable_delivers(
         password_env="DOORSTEP_TEST_MQTT_PASSWORD",
     )
     pub = start(settings, tmp_path / "outbox.sqlite", closing)
-    assert pub.connected.wait(10), mosquitto_password.log_tail()
+    assert pub.connected.wait(30), mosquitto_password.log_tail()
     pub.publish_event(event(2))
-    assert pub.drain(10)
+    assert pub.drain(30)
     assert delivered(sub, "e2")
 
 
@@ -208,7 +208,7 @@ def test_wrong_password_keeps_the_event_and_never_shows_the_password(
     )
     pub = start(settings, tmp_path / "outbox.sqlite", closing, paho_log=True)
     pub.publish_event(event(3))
-    assert wait_until(lambda: "broker refused the connection" in caplog.text, timeout=10)
+    assert wait_until(lambda: "broker refused the connection" in caplog.text, timeout=30)
     assert "not authorised" in mosquitto_password.log_text()
     assert not pub.connected.is_set()
     assert [p.id for p in pub.outbox.pending()] == ["e3"]  # nothing lost
@@ -228,7 +228,7 @@ def test_wrong_password_keeps_the_event_and_never_shows_the_password(
         password_file=secret_file(tmp_path, PASSWORD),
     )
     again = start(fixed, tmp_path / "outbox.sqlite", closing)
-    assert again.drain(15), mosquitto_password.log_tail()
+    assert again.drain(30), mosquitto_password.log_tail()
     assert delivered(sub, "e3")
 
 
@@ -253,7 +253,7 @@ def test_a_password_file_hashed_in_python_is_accepted_by_mosquitto(
         url=broker.url, username=DEVICE_USER, password_file=secret_file(tmp_path, PASSWORD)
     )
     pub = start(settings, tmp_path / "outbox.sqlite", closing)
-    assert pub.connected.wait(10), broker.log_tail()
+    assert pub.connected.wait(30), broker.log_tail()
     pub.publish_event(event(4))
     assert delivered(sub, "e4")
 
@@ -269,9 +269,9 @@ def test_tls_with_the_ca_delivers(
     pub = start(
         BrokerSettings(url=mosquitto_tls.url, ca_file=mqtt_pki.ca), tmp_path / "o.sqlite", closing
     )
-    assert pub.connected.wait(10), mosquitto_tls.log_tail()
+    assert pub.connected.wait(30), mosquitto_tls.log_tail()
     pub.publish_event(event(5))
-    assert pub.drain(10)
+    assert pub.drain(30)
     assert delivered(sub, "e5")
 
 
@@ -312,7 +312,7 @@ def test_tls_refuses_a_broker_it_cannot_verify(
         sub = subscribe(broker.url, closing, ca_file=mqtt_pki.ca)
         fixed = BrokerSettings(url=broker.url, ca_file=mqtt_pki.ca)
         again = start(fixed, tmp_path / "o.sqlite", closing)
-        assert again.drain(15), broker.log_tail()
+        assert again.drain(30), broker.log_tail()
         assert delivered(sub, "e6")
 
 
@@ -325,9 +325,9 @@ def test_mutual_tls_with_a_client_certificate_delivers(
         url=mosquitto_mtls.url, ca_file=mqtt_pki.ca, cert_file=cert, key_file=key
     )
     pub = start(settings, tmp_path / "o.sqlite", closing)
-    assert pub.connected.wait(10), mosquitto_mtls.log_tail()
+    assert pub.connected.wait(30), mosquitto_mtls.log_tail()
     pub.publish_event(event(7))
-    assert pub.drain(10)
+    assert pub.drain(30)
     assert delivered(sub, "e7")
 
 

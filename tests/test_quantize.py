@@ -211,7 +211,11 @@ def _saved_model(tmp: Path, body: str) -> Path:
     script = tmp / "make.py"
     script.write_text("\n".join(lines) + "\n")
     subprocess.run(
-        [sys.executable, str(script), str(tmp / "sm")], check=True, env=ENV, capture_output=True
+        [sys.executable, str(script), str(tmp / "sm")],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        timeout=300,
     )
     return tmp / "sm"
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from childproc import LineReader, stop
+from childproc import LineReader, finish, stop
 
 from device.models import DEFAULT_BUNDLE
 from host.render import render_demo, write_frames
@@ -77,7 +77,7 @@ def test_ready_watchdog_and_stopping_on_a_real_datagram_socket(tmp_path: Path) -
             got += sock.recv(4096).decode().split("\n")
     finally:
         sock.close()
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc)
     assert proc.returncode == 0, err
     assert got.index("READY=1") < got.index("WATCHDOG=1") < got.index("STOPPING=1")
     assert got.count("WATCHDOG=1") >= 20  # petted from the frame loop, one per frame here
