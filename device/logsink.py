@@ -90,17 +90,25 @@ class LogSink:
             self._file.info(line)
             failure = self._handler.failure
             if failure is not None and self.storage.enter(failure):
-                print(
-                    f"doorstep: {self.path}: cannot write the log ({failure}); records go to "
-                    "stdout only until it can be written again",
-                    file=self.stream,
-                    flush=True,
+                self._say(
+                    "log_degraded",
+                    f"{self.path}: cannot write the log ({failure}); records go to stdout only "
+                    "until it can be written again",
+                    error=failure,
                 )
             elif failure is None and self.storage.leave():
-                print(f"doorstep: {self.path}: the log is written again", file=self.stream, flush=True)
+                self._say("log_ok", f"{self.path}: the log is written again")
         if self.stdout_format == "json":
             print(line, file=self.stream, flush=True)
         elif human is not None:
+            print(f"doorstep: {human}", file=self.stream, flush=True)
+
+    def _say(self, kind: str, human: str, **fields: Any) -> None:
+        """A record about the log file itself: stdout only."""
+        if self.stdout_format == "json":
+            line = json.dumps({"t": round(time.time(), 3), "log": kind, **fields})
+            print(line, file=self.stream, flush=True)
+        else:
             print(f"doorstep: {human}", file=self.stream, flush=True)
 
     def close(self) -> None:
