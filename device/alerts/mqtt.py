@@ -15,19 +15,21 @@ import logging
 import os
 import ssl
 import threading
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from device.alerts.outbox import Outbox
+from device.alerts.outbox import Event, Outbox
+from device.alerts.sender import Sender, SenderStats
 from device.errors import ConfigError
+
+if TYPE_CHECKING:
+    from device.config import MqttConfig
 
 log = logging.getLogger("doorstep.mqtt")
 
@@ -45,6 +47,22 @@ class BrokerSettings:
     event_expiry_s: int = 86_400
     keepalive_s: int = 30
     discovery_prefix: str | None = "homeassistant"  # None: no Home Assistant discovery
+
+    @classmethod
+    def from_config(cls, cfg: MqttConfig) -> BrokerSettings:
+        """The connection the ``mqtt`` section describes."""
+        return cls(
+            url=cfg.url,
+            protocol=cfg.protocol,
+            username=cfg.username,
+            password_file=cfg.password_file,
+            password_env=cfg.password_env,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            event_expiry_s=cfg.event_expiry_s,
+            discovery_prefix=cfg.discovery_prefix if cfg.home_assistant else None,
+        )
 
     def address(self) -> tuple[str, int, bool]:
         u = urlparse(self.url)
@@ -74,10 +92,17 @@ class BrokerSettings:
 
 
 class Publisher:
-    """Publishes through the outbox; ``publish_event`` returns once the event is on disk."""
+    """Events go through the outbox (committed first, sent by a ``Sender`` thread, deleted
+    when acked); state, snapshot and discovery are retained and sent again on every connect."""
 
     def __init__(
-        self, device_id: str, broker: BrokerSettings, outbox: Outbox, prefix: str = "doorstep"
+        self,
+        device_id: str,
+        broker: BrokerSettings,
+        outbox: Outbox,
+        prefix: str = "doorstep",
+        *,
+        max_inflight: int = 20,
     ) -> None:
         self.base = f"{prefix}/{device_id}"
         self.broker, self.outbox = broker, outbox
@@ -89,7 +114,6 @@ class Publisher:
             client_id=f"doorstep-{device_id}",
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         )
-        self._v5 = v5
         if broker.username:
             self.client.username_pw_set(broker.username, broker.password())
         if tls or broker.ca_file:
@@ -101,27 +125,47 @@ class Publisher:
             )
         self.client.will_set(f"{self.base}/availability", "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
+        # room for the event window plus availability, state, snapshot and discovery
+        self.client.max_inflight_messages_set(max_inflight + 16)
+        self.connected = threading.Event()
+        self.connects = 0  # successful connections so far (a resend may follow each reconnect)
+        self.sender = Sender(
+            self.client,
+            outbox,
+            self.connected,
+            max_inflight,
+            expiry_cap_s=broker.event_expiry_s if v5 else None,
+        )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        self._inflight: dict[int, str] = {}  # message id -> event id, until the broker acks
-        self._early_acks: set[int] = set()
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self.client.on_publish = self.sender.on_publish
+        self.client.on_message = self._on_message
         self._state: dict[str, Any] | None = None
         self._snapshot: bytes | None = None  # b"" once cleared
         self._discovery: dict[str, dict[str, Any]] = {}
-        self.connected = threading.Event()
-        self.client.on_message = self._on_message
+
+    @classmethod
+    def from_config(cls, cfg: MqttConfig, device_id: str, outbox: Outbox) -> Publisher:
+        """The publisher the ``mqtt`` section describes (``outbox``: ``Outbox.from_config``)."""
+        return cls(
+            device_id,
+            BrokerSettings.from_config(cfg),
+            outbox,
+            cfg.prefix,
+            max_inflight=cfg.max_inflight,
+        )
 
     # -- lifecycle
     def start(self) -> None:
         host, port = self._address
+        self.sender.start()
         self.client.connect_async(host, port, keepalive=self.broker.keepalive_s)
         self.client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Say offline (the Will covers crashes), flush what the broker will take, disconnect."""
+        """Say offline (the Will covers crashes), flush what the broker will take, disconnect.
+        Events not acknowledged stay in the outbox for the next start."""
+        self.sender.stop(timeout)
         if self.connected.is_set():
             info = self.client.publish(f"{self.base}/availability", "offline", qos=1, retain=True)
             info.wait_for_publish(timeout)
@@ -129,9 +173,35 @@ class Publisher:
         self.client.loop_stop()
 
     # -- publishing
-    def publish_event(self, event: dict[str, Any]) -> None:
-        self.outbox.add(event["id"], f"{self.base}/events", event, event.get("event", "event"))
-        self._send_pending()
+    @property
+    def events_topic(self) -> str:
+        return f"{self.base}/events"
+
+    def event(self, payload: Mapping[str, Any]) -> Event:
+        """The outbox entry for an event payload (its ``id`` and ``event`` kind)."""
+        return Event(
+            str(payload["id"]), self.events_topic, payload, str(payload.get("event", "event"))
+        )
+
+    def commit(
+        self, payloads: Sequence[Mapping[str, Any]], state: Mapping[str, str] | None = None
+    ) -> bool:
+        """Commit event payloads (and ``state``) to the outbox in one transaction, then wake the
+        sender; True once durable on disk (False: held in memory, see ``Outbox.commit``)."""
+        durable = self.outbox.commit([self.event(p) for p in payloads], state)
+        self.kick()
+        return durable
+
+    def publish_event(self, event: Mapping[str, Any]) -> bool:
+        """``commit([event])``: returns once the event is stored (True: on disk)."""
+        return self.commit([event])
+
+    def kick(self) -> None:
+        """Wake the sender after committing to the outbox directly."""
+        self.sender.kick()
+
+    def stats(self) -> SenderStats:
+        return self.sender.stats()
 
     def publish_state(self, state: dict[str, Any]) -> None:
         self._state = state
@@ -162,38 +232,7 @@ class Publisher:
 
     def drain(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every stored event; True if the outbox emptied."""
-        deadline = time.monotonic() + timeout
-        while len(self.outbox) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not len(self.outbox)
-
-    def _send_pending(self) -> None:
-        if not self.connected.is_set():
-            return
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = self.broker.event_expiry_s
-        with self._send_lock:  # one sender at a time (publish_event and the reconnect thread)
-            with self._lock:
-                waiting = set(self._inflight.values())
-            for item in self.outbox.pending():
-                if item.id in waiting:
-                    continue
-                # Never hold _lock across paho calls: paho's network thread holds its own lock
-                # while it runs _on_publish, which takes _lock.
-                info = self.client.publish(
-                    item.topic, item.payload, qos=1, retain=False, properties=props
-                )
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    continue
-                with self._lock:
-                    acked_already = info.mid in self._early_acks
-                    self._early_acks.discard(info.mid)
-                    if not acked_already:
-                        self._inflight[info.mid] = item.id
-                if acked_already:  # the broker answered before publish() returned
-                    self.outbox.delete(item.id)
+        return self.sender.drain(timeout)
 
     # -- callbacks (paho's network thread)
     def _on_connect(
@@ -211,10 +250,8 @@ class Publisher:
         if self.broker.discovery_prefix:
             client.subscribe(f"{self.broker.discovery_prefix}/status", qos=1)
             self._send_discovery()
-        with self._lock:
-            self._inflight.clear()  # resend everything not acknowledged; receivers de-duplicate by id
-            self._early_acks.clear()
-        threading.Thread(target=self._send_pending, daemon=True).start()
+        self.connects += 1
+        self.sender.kick()  # paho resends what was in flight; the sender fills the window
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None
@@ -224,14 +261,3 @@ class Publisher:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.endswith("/status") and msg.payload == b"online":
             self._send_discovery()  # Home Assistant restarted and forgot non-retained configs
-
-    def _on_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, props: Any = None
-    ) -> None:
-        with self._lock:  # delete before forgetting the id, so no sender can pick it up again
-            event_id = self._inflight.get(mid)
-            if event_id is None:
-                self._early_acks.add(mid)
-            else:
-                self.outbox.delete(event_id)
-                del self._inflight[mid]
