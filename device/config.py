@@ -3,18 +3,29 @@
 Every problem is reported with the file, the key path, the offending value and the reason;
 unknown keys are refused (a typo must not silently fall back to a default). Relative paths are
 resolved against the directory of the config file.
+
+Every field has bounds that make sense on a doorbell, a unit in its name or description, and a
+description (``doorstep-device check-config --schema`` prints them as a JSON Schema). Floats
+must be finite. Values that are well-typed but cannot work are refused here too: a broker URL
+paho cannot connect to, an odd or oversized camera size, a zone outside the frame, a "public
+key" file that holds no key, an empty path.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -23,10 +34,27 @@ from pydantic import (
 
 from device.errors import ConfigError, format_validation_error
 from device.power import PowerConfig
+from device.yamlfile import read_yaml_mapping as read_yaml_mapping
+
+KEY_FILE_MAX_BYTES = 64 * 1024
+MAIN_MAX = (4608, 2592)  # the largest Raspberry Pi camera mode (Camera Module 3, 12 MP)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def _not_empty(value: Any) -> Any:
+    """``Path('')`` is ``.``: an empty string would silently name the current directory."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path names no file or directory: give a path")
+    return value
+
+
+NonEmptyPath = Annotated[Path, BeforeValidator(_not_empty)]
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -48,28 +76,68 @@ def _beside_config(value: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
+def _public_key_file(value: Path, info: ValidationInfo) -> Path:
+    """An existing, small, regular file that parses as doorstep Ed25519 public keys."""
+    from device.bundle.signing import KEY_TYPE, load_public_keys
+
+    path = _resolve(value, info)
+    assert path is not None
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (use a .pub from doorstep-host keygen)")
+    if path.stat().st_size > KEY_FILE_MAX_BYTES:
+        raise ValueError(
+            f"{path}: larger than {KEY_FILE_MAX_BYTES >> 10} KiB: not a public key file "
+            "(use a .pub from doorstep-host keygen)"
+        )
+    try:
+        load_public_keys(path)
+    except ConfigError as exc:
+        # Name the line, never quote it: a wrong path may point at a secret (/etc/shadow).
+        line = re.match(rf"{re.escape(str(path))}:(\d+): ", str(exc))
+        reason = (
+            f"line {line[1]} is not '{KEY_TYPE} <base64 of 32 bytes> [comment]'"
+            if line
+            else str(exc).removeprefix(f"{path}:").strip()
+        )
+        raise ValueError(
+            f"{path}: not an Ed25519 public key file ({reason}); "
+            "use a .pub from doorstep-host keygen"
+        ) from None
+    return path
+
+
+# ------------------------------------------------------------------------------------ model
+
+
 class ModelConfig(_Section):
     """Which model to run and how."""
 
-    path: Path | None = Field(
+    path: NonEmptyPath | None = Field(
         None,
         description="model bundle directory or .tar (or a bare .tflite with `labels`); "
-        "null runs the default parcel model shipped with doorstep",
+        "null runs the active bundle, else the default parcel model shipped with doorstep",
     )
-    labels: Path | None = Field(None, description="label file, only for a bare .tflite")
+    labels: NonEmptyPath | None = Field(
+        None, description="label file (one name per line), only for a bare .tflite"
+    )
     runtime: Literal["auto", "ai_edge_litert", "tflite_runtime"] = Field(
         "auto", description="auto prefers ai_edge_litert (LiteRT), then tflite_runtime"
     )
     num_threads: Annotated[int, Field(ge=1, le=64)] | None = Field(
-        None, description="interpreter threads; null uses every core"
+        None, description="interpreter threads, 1..64; null uses every core"
     )
     score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
-        None, description="minimum score of a detection; null uses the bundle's recommendation"
+        None,
+        description="minimum score (0..1) of a detection; null uses the bundle's recommendation",
     )
     iou_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
-        None, description="NMS overlap above which the weaker box is dropped"
+        None,
+        description="NMS overlap (intersection over union, (0..1]) above which the weaker box "
+        "is dropped; null uses the bundle's",
     )
-    max_detections: Annotated[int, Field(ge=1, le=1000)] | None = None
+    max_detections: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description="detections kept per frame, 1..1000; null uses the bundle's"
+    )
 
     _check_paths = field_validator("path", "labels")(_resolve)
 
@@ -100,72 +168,113 @@ class ModelConfig(_Section):
         }
 
 
+# ------------------------------------------------------------------------------------ sources
+
+Fps = Annotated[float, Field(gt=0, le=120)]
+StallSeconds = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=3600,
+        description="seconds (0..3600] without a frame after which a live source is reported "
+        "stalled (state, telemetry, log); the systemd watchdog then restarts the daemon",
+    ),
+]
+
+
 class FolderSourceConfig(_Section):
     """A folder of images, in name order (replays, tests)."""
 
-    type: Literal["folder"]
-    path: Path
-    fps: Annotated[float, Field(gt=0, le=120)] = 5.0
+    type: Literal["folder"] = Field(description="a folder of images")
+    path: NonEmptyPath = Field(description="the folder; its images are replayed in name order")
+    fps: Fps = Field(5.0, description="frames per second delivered, (0..120]")
+    stall_s: StallSeconds = 10.0
 
     _check_path = field_validator("path")(_resolve)
-    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        10.0,
-        description="seconds without a frame after which a live source is reported stalled "
-        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
-    )
+
+    @field_validator("path")
+    @classmethod
+    def _a_folder(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"not a directory: {value} (a `still` source takes one image)")
+        return value
 
 
 class OpenCVSourceConfig(_Section):
     """A USB camera (index), an RTSP/HTTP stream, or a video file."""
 
-    type: Literal["opencv"]
-    uri: int | str = Field(
-        description="camera index, rtsp://... or http://... URL, or a video file"
+    type: Literal["opencv"] = Field(description="a camera, stream or video file via OpenCV")
+    uri: (
+        Annotated[int, Field(ge=0, le=255)] | Annotated[str, Field(min_length=1, max_length=2048)]
+    ) = Field(
+        description="camera index 0..255 (/dev/video<N>), rtsp://... or http://... URL, or a "
+        "video file (at most 2048 characters)"
     )
-    fps: Annotated[float, Field(gt=0, le=120)] | None = Field(
-        None, description="file frame rate override"
+    fps: Fps | None = Field(
+        None, description="frames per second, (0..120]: a file's rate override; null: its own"
     )
-    loop: bool = False
+    loop: bool = Field(False, description="start a video file again at its end")
     live: bool | None = Field(
         None,
         description="null: cameras and streams are live, files are not; true replays a file as "
         "a camera would deliver it (in real time, newest frame only, drops counted)",
     )
-    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        10.0,
-        description="seconds without a frame after which a live source is reported stalled "
-        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
-    )
+    stall_s: StallSeconds = 10.0
 
 
 class StillSourceConfig(_Section):
     """One image delivered as a live camera at ``fps`` (benchmarks, demos)."""
 
-    type: Literal["still"]
-    path: Path
-    fps: Annotated[float, Field(gt=0, le=120)] = 10.0
+    type: Literal["still"] = Field(description="one image, delivered as a live camera")
+    path: NonEmptyPath = Field(description="the image file")
+    fps: Fps = Field(10.0, description="frames per second delivered, (0..120]")
+    stall_s: StallSeconds = 10.0
 
     _check_path = field_validator("path")(_resolve)
-    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        10.0,
-        description="seconds without a frame after which a live source is reported stalled "
-        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
-    )
+
+    @field_validator("path")
+    @classmethod
+    def _a_file(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"not a file: {value} (a `folder` source takes a directory)")
+        return value
+
+
+Size = tuple[
+    Annotated[int, Field(ge=16, le=MAIN_MAX[0], multiple_of=2)],
+    Annotated[int, Field(ge=16, le=MAIN_MAX[1], multiple_of=2)],
+]
 
 
 class Picamera2SourceConfig(_Section):
     """The Raspberry Pi camera: main stream for snapshots, lores stream for the model."""
 
-    type: Literal["picamera2"]
-    main_size: tuple[int, int] = (1280, 720)
-    lores_size: tuple[int, int] = (320, 240)
-    lores_format: Literal["YUV420", "RGB888"] = "YUV420"
-    fps: Annotated[float, Field(gt=0, le=120)] = 10.0
-    stall_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        10.0,
-        description="seconds without a frame after which a live source is reported stalled "
-        "(state, telemetry, log); the systemd watchdog then restarts the daemon",
+    type: Literal["picamera2"] = Field(description="the Raspberry Pi camera via picamera2")
+    main_size: Size = Field(
+        (1280, 720),
+        description="[width, height] in pixels of the snapshot stream: even, "
+        f"16..{MAIN_MAX[0]} x 16..{MAIN_MAX[1]}",
     )
+    lores_size: Size = Field(
+        (320, 240),
+        description="[width, height] in pixels of the stream the model sees (about the model's "
+        "input size): even, at least 16, not larger than main_size",
+    )
+    lores_format: Literal["YUV420", "RGB888"] = Field(
+        "YUV420", description="lores pixel format: YUV420 on any Pi, RGB888 on a Pi 5"
+    )
+    fps: Fps = Field(10.0, description="frames per second asked of the camera, (0..120]")
+    stall_s: StallSeconds = 10.0
+
+    @model_validator(mode="after")
+    def _lores_within_main(self) -> Picamera2SourceConfig:
+        (mw, mh), (lw, lh) = self.main_size, self.lores_size
+        if lw > mw or lh > mh:
+            raise ValueError(
+                f"lores_size {lw}x{lh} is larger than main_size {mw}x{mh}: the camera scales "
+                "lores down from main"
+            )
+        return self
 
 
 SourceConfig = Annotated[
@@ -174,57 +283,191 @@ SourceConfig = Annotated[
 ]
 
 
+# ------------------------------------------------------------------------------------ mqtt
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_TOPIC = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
+_URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if paho can connect to it: scheme mqtt or mqtts, a host name or IP address, a
+    port in 1..65535 (default 1883 / 8883), no credentials, path, query or fragment."""
+    parts = urlsplit(url.strip())
+    if "://" not in url or not parts.scheme:
+        raise ValueError(f"not a broker URL: {_URL_FORM}")
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"scheme {parts.scheme!r} is not mqtt or mqtts: {_URL_FORM}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "no credentials in the URL (it is logged): use mqtt.username and "
+            "mqtt.password_file or mqtt.password_env"
+        )
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"the host is missing: {_URL_FORM}")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"[{host}] is not an IPv6 address: {_URL_FORM}") from None
+    elif not _HOSTNAME.match(host):
+        raise ValueError(f"host {host!r} is not a host name or IPv4 address: {_URL_FORM}")
+    after_host = parts.netloc.rpartition("]")[2] if "[" in parts.netloc else parts.netloc
+    _, colon, port = after_host.partition(":")
+    if colon and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a number in 1..65535")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"a broker URL has no path, query or fragment: {_URL_FORM}")
+    return url
+
+
 class MqttConfig(_Section):
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port, or mqtts:// for TLS")
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password_file: Path | None = Field(None, description="file holding the password (never logged)")
-    password_env: str | None = Field(None, description="environment variable holding the password")
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    event_expiry_s: Annotated[int, Field(ge=60)] = 86_400
-    drain_timeout_s: Annotated[float, Field(ge=0)] = Field(
-        30.0,
-        description="on stop, how long to wait for the broker to acknowledge stored events "
-        "(what is left stays in the outbox for the next start)",
+    """The broker, the topics, and how events wait for it."""
+
+    url: Annotated[str, Field(max_length=512), AfterValidator(check_broker_url)] = Field(
+        "mqtt://127.0.0.1:1883",
+        description="mqtt://host[:port] (default port 1883), or mqtts://host[:port] for TLS "
+        "(default 8883); port 1..65535; no credentials in it",
     )
-    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "doorstep"
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    username: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="broker user name (at most 256 characters); null: anonymous"
+    )
+    password_file: NonEmptyPath | None = Field(
+        None, description="file holding the password (never logged)"
+    )
+    password_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = Field(
+        None, description="environment variable holding the password (instead of password_file)"
+    )
+    ca_file: NonEmptyPath | None = Field(
+        None, description="CA certificates (PEM) the broker's certificate is checked against"
+    )
+    cert_file: NonEmptyPath | None = Field(
+        None, description="client certificate (PEM) for brokers that require one; needs TLS"
+    )
+    key_file: NonEmptyPath | None = Field(
+        None, description="the client certificate's private key (PEM); needs cert_file"
+    )
+    event_expiry_s: Annotated[int, Field(ge=60, le=2_592_000)] = Field(
+        86_400,
+        description="seconds (60 .. 30 days) after which an undelivered event is dropped "
+        "(counted) rather than delivered late",
+    )
+    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        30.0,
+        description="seconds (0..3600) to wait on stop for the broker to acknowledge stored "
+        "events (what is left stays in the outbox for the next start)",
+    )
+    prefix: Annotated[str, Field(pattern=_TOPIC, max_length=64)] = Field(
+        "doorstep",
+        description="first topic level(s): <prefix>/<device_id>/...; letters, digits, _ - "
+        "and single /, at most 64 characters",
+    )
     home_assistant: bool = Field(True, description="publish Home Assistant discovery configs")
-    discovery_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_/-]+$")] = "homeassistant"
+    discovery_prefix: Annotated[str, Field(pattern=_TOPIC, max_length=64)] = Field(
+        "homeassistant", description="Home Assistant's discovery topic prefix"
+    )
     snapshot: bool = Field(True, description="retain a JPEG of the main stream at arrival")
-    snapshot_quality: Annotated[int, Field(ge=10, le=100)] = 85
+    snapshot_quality: Annotated[int, Field(ge=10, le=100)] = Field(
+        85, description="JPEG quality of the snapshot, 10..100"
+    )
     outbox_max_events: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
         10_000,
-        description="events kept on disk while the broker is away; past it the oldest reminders "
-        "go first, then the oldest events (counted as dropped)",
+        description="events (10..1000000) kept on disk while the broker is away; past it the "
+        "oldest reminders go first, then the oldest events (counted as dropped)",
     )
     memory_queue_events: Annotated[int, Field(ge=10, le=100_000)] = Field(
         1_000,
-        description="events held in memory while the state directory cannot be written "
-        "(full disk); the newest are kept and written out when space returns",
+        description="events (10..100000) held in memory while the state directory cannot be "
+        "written (full disk); the newest are kept and written out when space returns",
     )
     max_inflight: Annotated[int, Field(ge=1, le=1_000)] = Field(
-        20, description="events sent and not yet acknowledged by the broker, at most"
+        20, description="events (1..1000) sent and not yet acknowledged by the broker, at most"
     )
 
     _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(_resolve)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file (the certificate it belongs to)")
+        if self.cert_file is not None and self.ca_file is None and not self.url.startswith("mqtts"):
+            raise ValueError("cert_file is only used over TLS: use an mqtts:// url (or ca_file)")
+        return self
+
+
+# ------------------------------------------------------------------------------------ presence
+
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+def _has_area(polygon: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:
+    if polygon is None:
+        return None
+    doubled = sum(
+        x0 * y1 - x1 * y0
+        for (x0, y0), (x1, y1) in zip(polygon, polygon[1:] + polygon[:1], strict=True)
+    )
+    if abs(doubled) < 1e-9:
+        raise ValueError("the polygon has no area (its corners are on one line or repeated)")
+    return polygon
+
 
 class ZoneConfig(_Section):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
-    polygon: list[tuple[float, float]] | None = Field(
-        None, description="corners in 0..1 frame coordinates"
+    """A part of the frame where parcels are watched."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        description="zone name (letters, digits, - and _, at most 64); used in topics and state"
+    )
+    polygon: (
+        Annotated[
+            list[tuple[Unit, Unit]], Field(min_length=3, max_length=64), AfterValidator(_has_area)
+        ]
+        | None
+    ) = Field(
+        None,
+        description="3..64 corners [x, y] in 0..1 frame coordinates (0,0 top left); "
+        "null is the whole frame",
     )
 
 
 class PresenceConfig(_Section):
-    arrive_hits: Annotated[int, Field(ge=1)] = 3
-    arrive_window: Annotated[int, Field(ge=1)] = 5
-    remove_after_s: Annotated[float, Field(gt=0)] = 10.0
-    reminder_every_s: Annotated[float, Field(gt=0)] | None = 1800.0
-    person_overlap: Annotated[float, Field(gt=0, le=1)] = 0.3
-    zones: list[ZoneConfig] = Field(default_factory=lambda: [ZoneConfig(name="doorstep")])
+    """When a parcel counts as arrived, and when as gone."""
+
+    arrive_hits: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="inferences (1..100) that must see the parcel ..."
+    )
+    arrive_window: Annotated[int, Field(ge=1, le=100)] = Field(
+        5, description="... within this many recent inferences (1..100)"
+    )
+    remove_after_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        10.0, description="seconds (0 .. 1 day] unseen before a parcel counts as removed"
+    )
+    reminder_every_s: Annotated[float, Field(ge=1, le=604_800)] | None = Field(
+        1800.0, description="seconds (1 .. 7 days) between reminders while it stays; null: none"
+    )
+    person_overlap: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3,
+        description="share (0..1] of a parcel box under a person box above which it does not "
+        "count (a parcel being carried)",
+    )
+    zones: Annotated[list[ZoneConfig], Field(min_length=1, max_length=16)] = Field(
+        default_factory=lambda: [ZoneConfig(name="doorstep")],
+        description="1..16 zones with distinct names, watched separately",
+    )
+
+    @field_validator("zones")
+    @classmethod
+    def _distinct_names(cls, zones: list[ZoneConfig]) -> list[ZoneConfig]:
+        names = [z.name for z in zones]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"zone name(s) used twice: {', '.join(twice)}")
+        return zones
 
     @model_validator(mode="after")
     def _hits_fit_window(self) -> PresenceConfig:
@@ -236,29 +479,42 @@ class PresenceConfig(_Section):
 
 
 class MotionConfig(_Section):
-    enabled: bool = True
-    min_changed: Annotated[float, Field(gt=0, le=1)] = 0.01
-    max_idle_s: Annotated[float, Field(gt=0)] = 5.0
+    """Run the detector only when the scene changes, and every ``max_idle_s`` anyway."""
+
+    enabled: bool = Field(True, description="false runs the detector on every frame")
+    min_changed: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.01, description="share (0..1] of a 64x48 grey thumbnail that must change"
+    )
+    max_idle_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        5.0, description="seconds (0..3600] after which the detector runs without motion"
+    )
+
+
+# ------------------------------------------------------------------------------------ telemetry
 
 
 class TelemetryConfig(_Section):
     """Latency, rate and health reports, and the JSON-lines log."""
 
-    interval_s: Annotated[float, Field(gt=0)] = Field(
-        60.0, description="seconds between telemetry reports (topic, log)"
+    interval_s: Annotated[float, Field(ge=0.5, le=86_400)] = Field(
+        60.0, description="seconds (0.5 .. 1 day) between telemetry reports (topic, log)"
     )
-    window: Annotated[int, Field(ge=10)] = Field(
-        600, description="samples per stage kept for p50/p95/max"
+    window: Annotated[int, Field(ge=10, le=100_000)] = Field(
+        600, description="samples (10..100000) per stage kept for p50/p95/max"
     )
-    log_file: Path | None = Field(
+    log_file: NonEmptyPath | None = Field(
         None,
         description="JSON-lines log; null: $LOGS_DIRECTORY/doorstep.jsonl under systemd, "
         "else <state_dir>/log/doorstep.jsonl",
     )
-    log_max_mb: Annotated[float, Field(gt=0)] = Field(10.0, description="rotate at this size")
-    log_backups: Annotated[int, Field(ge=0)] = Field(5, description="rotated files kept")
-    power_sample_s: Annotated[float, Field(gt=0)] = Field(
-        5.0, description="seconds between power meter readings (integrated per report)"
+    log_max_mb: Annotated[float, Field(gt=0, le=1000)] = Field(
+        10.0, description="megabytes (0..1000] at which the log is rotated"
+    )
+    log_backups: Annotated[int, Field(ge=0, le=100)] = Field(
+        5, description="rotated log files kept, 0..100"
+    )
+    power_sample_s: Annotated[float, Field(ge=0.1, le=3600)] = Field(
+        5.0, description="seconds (0.1..3600) between power meter readings (integrated per report)"
     )
 
     @field_validator("log_file")
@@ -270,41 +526,48 @@ class TelemetryConfig(_Section):
 class SigningConfig(_Section):
     """Which keys may sign the bundles this device runs."""
 
-    public_keys: list[Path] = Field(
+    public_keys: Annotated[
+        list[Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_public_key_file)]],
+        Field(max_length=16),
+    ] = Field(
         default_factory=list,
-        description="public key files (doorstep-host keygen); when set, unsigned or badly "
-        "signed bundles are refused by install, activate and the daemon",
+        description="public key files (doorstep-host keygen), at most 16, each parsed at load; "
+        "when set, unsigned or badly signed bundles are refused by install, activate and the "
+        "daemon",
     )
-    service: str = Field(
+    service: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,254}$")] = Field(
         "doorstep-device", description="systemd unit reloaded after activate / rollback"
     )
-
-    @field_validator("public_keys")
-    @classmethod
-    def _keys_exist(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
-        return [p for p in (_resolve(v, info) for v in value) if p is not None]
 
 
 class DeviceConfig(_Section):
     """The doorbell's whole configuration."""
 
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")] = Field(
-        description="unique name of this doorbell; used in MQTT topics, so letters, digits, - and _"
+        description="unique name of this doorbell, 1..64 characters; used in MQTT topics, so "
+        "letters, digits, - and _"
     )
-    state_dir: Path = Field(
-        Path("/var/lib/doorstep"), description="where models, the outbox and state are kept"
+    state_dir: NonEmptyPath = Field(
+        Path("/var/lib/doorstep"),
+        description="directory (created if missing) where models, the outbox and state are kept",
     )
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(ModelConfig(), description="which model to run and how")
     source: SourceConfig | None = Field(
-        None, description="where frames come from (needed by `run`)"
+        None, description="where frames come from, by `type` (needed by `run`)"
     )
     mqtt: MqttConfig | None = Field(
         None, description="the broker; null publishes nothing (events are logged)"
     )
-    presence: PresenceConfig = PresenceConfig()
-    motion: MotionConfig = MotionConfig()
-    telemetry: TelemetryConfig = TelemetryConfig()
-    signing: SigningConfig = SigningConfig()
+    presence: PresenceConfig = Field(
+        PresenceConfig(), description="when a parcel counts as arrived, and when as gone"
+    )
+    motion: MotionConfig = Field(MotionConfig(), description="the motion gate before the detector")
+    telemetry: TelemetryConfig = Field(
+        TelemetryConfig(), description="telemetry reports and the JSON-lines log"
+    )
+    signing: SigningConfig = Field(
+        SigningConfig(), description="which keys may sign the bundles this device runs"
+    )
     power: PowerConfig | None = Field(
         None, description="power meter (by `type`); null reports no power"
     )
@@ -312,55 +575,17 @@ class DeviceConfig(_Section):
     @field_validator("state_dir")
     @classmethod
     def _state_dir_beside_config(cls, value: Path, info: ValidationInfo) -> Path:
-        return _beside_config(value, info)
+        path = _beside_config(value, info)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        return path
 
 
-# Without types-PyYAML (a dev extra) ``yaml.SafeLoader`` is ``Any``; with it, this ignore is unused.
-class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
-    """A SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first on line {seen[key]})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_yaml_mapping(path: Path, what: str = "config file", keys: str = "keys") -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty: ``{}``), duplicate keys refused; every
-    problem is a ``ConfigError`` naming the file (and line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of {keys}, got {type(data).__name__}"
-        )
-    return data
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of ``device.yaml``: every key with its type, bounds and description."""
+    schema = DeviceConfig.model_json_schema()
+    schema["title"] = "doorstep device.yaml"
+    return schema
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DeviceConfig:
@@ -383,8 +608,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> De
 
 def source_config(data: dict[str, Any]) -> SourceConfig:
     """A ``source`` section on its own (``--source`` without a config file)."""
-    from pydantic import TypeAdapter
-
     try:
         return TypeAdapter(SourceConfig).validate_python(data)
     except ValidationError as exc:

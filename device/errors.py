@@ -40,6 +40,8 @@ def format_validation_error(exc: Any, where: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        text = repr(got)
+        text = text if len(text) <= 200 else f"{text[:120]}... ({len(text)} characters)"
+        shown = "" if isinstance(got, dict | list) else f" (got {text})"
         lines.append(f"{where}: {loc}: {err['msg']}{shown}")
     return "\n".join(lines)

@@ -7,35 +7,45 @@ start-up without pulling in the meters themselves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Pi5PmicConfig(_Section):
     """The Raspberry Pi 5's PMIC rails (also CM5 and Pi 500), via ``vcgencmd pmic_read_adc``."""
 
-    type: Literal["pi5_pmic"]
-    vcgencmd: str = Field(
+    type: Literal["pi5_pmic"] = Field(description="the Raspberry Pi 5 PMIC")
+    vcgencmd: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
         "vcgencmd", description="the vcgencmd executable, a name on PATH or a path"
     )
     calibration_factor: Annotated[float, Field(gt=0, le=10)] = Field(
         1.0,
-        description="watts = rail sum × factor + offset; fit both against a USB-C meter "
+        description="0..10: watts = rail sum × factor + offset; fit both against a USB-C meter "
         "(one board measured 1.1451 and 0.5879 W: github.com/jfikar/RPi5-power)",
     )
     calibration_offset_w: Annotated[float, Field(ge=-5, le=20)] = Field(
-        0.0, description="added after the factor: what the rails never see (losses, 5 V loads)"
+        0.0,
+        description="watts (-5..20) added after the factor: what the rails never see (losses, "
+        "5 V loads)",
     )
 
 
+def _not_empty(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path names no file or directory: give a path")
+    return value
+
+
 class _InaConfig(_Section):
-    bus: Annotated[int, Field(ge=0)] = Field(
-        1, description="I2C bus number, /dev/i2c-<bus>; 1 is the Pi's GPIO header (pins 3 and 5)"
+    bus: Annotated[int, Field(ge=0, le=255)] = Field(
+        1,
+        description="I2C bus number 0..255, /dev/i2c-<bus>; 1 is the Pi's GPIO header (pins 3 "
+        "and 5)",
     )
     address: Annotated[int, Field(ge=0x40, le=0x4F)] = Field(
         0x40, description="7-bit I2C address, 0x40-0x4F as set by the A0/A1 pins"
@@ -53,14 +63,14 @@ def _check_shunt_range(shunt_ohms: float, max_amps: float | None, range_v: float
 class Ina219Config(_InaConfig):
     """A TI INA219 (26 V, ±320 mV shunt range) on I2C."""
 
-    type: Literal["ina219"]
+    type: Literal["ina219"] = Field(description="a TI INA219 on I2C")
     shunt_ohms: Annotated[float, Field(gt=0, le=10)] = Field(
-        0.1, description="the shunt resistor; 0.1 Ω (R100) on the common breakout boards"
+        0.1, description="the shunt resistor, (0..10] Ω; 0.1 Ω (R100) on the common boards"
     )
     max_expected_amps: Annotated[float, Field(gt=0, le=100)] | None = Field(
         None,
-        description="if set, the gain is programmed to the smallest shunt range that fits this "
-        "current; null leaves the chip's configuration (power-on: ±320 mV, 3.2 A at 0.1 Ω)",
+        description="amps (0..100]: if set, the gain is programmed to the smallest shunt range "
+        "that fits this current; null leaves the chip's configuration (power-on: ±320 mV, 3.2 A at 0.1 Ω)",
     )
 
     @model_validator(mode="after")
@@ -72,14 +82,14 @@ class Ina219Config(_InaConfig):
 class Ina226Config(_InaConfig):
     """A TI INA226 (36 V, ±81.92 mV shunt range) on I2C."""
 
-    type: Literal["ina226"]
+    type: Literal["ina226"] = Field(description="a TI INA226 on I2C")
     shunt_ohms: Annotated[float, Field(gt=0, le=10)] = Field(
         0.1,
-        description="the shunt resistor; at 0.1 Ω (R100) the chip tops out at 0.82 A, less than "
+        description="the shunt resistor, (0..10] Ω; at 0.1 Ω (R100) the chip tops out at 0.82 A, less than "
         "a Pi 4 or 5 draws: boards for a Pi use 0.01 Ω (R010)",
     )
     max_expected_amps: Annotated[float, Field(gt=0, le=100)] | None = Field(
-        None, description="checked against the shunt range when the config is loaded"
+        None, description="amps (0..100], checked against the shunt range at load"
     )
 
     @model_validator(mode="after")
@@ -91,14 +101,14 @@ class Ina226Config(_InaConfig):
 class Ina260Config(_InaConfig):
     """A TI INA260 (integrated 2 mΩ shunt, ±15 A, 36 V) on I2C."""
 
-    type: Literal["ina260"]
+    type: Literal["ina260"] = Field(description="a TI INA260 on I2C")
 
 
 class RaplConfig(_Section):
     """Intel RAPL energy counters: the CPU package of a PC running doorstep's benchmarks."""
 
-    type: Literal["rapl"]
-    path: Path = Field(
+    type: Literal["rapl"] = Field(description="Intel/AMD RAPL energy counters")
+    path: Annotated[Path, BeforeValidator(_not_empty)] = Field(
         Path("/sys/class/powercap/intel-rapl:0"),
         description="a powercap zone; intel-rapl:0 is CPU package 0, not the whole machine",
     )
@@ -122,15 +132,15 @@ BOARD_PROFILES: dict[str, tuple[float, float]] = {
 class EstimateConfig(_Section):
     """No meter: a board profile's idle and full-load watts, scaled by the machine's CPU use."""
 
-    type: Literal["estimate"]
+    type: Literal["estimate"] = Field(description="no meter: an estimate from CPU use")
     board: Literal["pi5", "pi4", "pi3", "pi_zero2"] | None = Field(
         None, description="a built-in profile (idle W, full-load W); idle_w/full_w override it"
     )
     idle_w: Annotated[float, Field(ge=0, le=500)] | None = Field(
-        None, description="watts with the CPU idle"
+        None, description="watts (0..500) with the CPU idle"
     )
     full_w: Annotated[float, Field(ge=0, le=500)] | None = Field(
-        None, description="watts with every core busy"
+        None, description="watts (0..500) with every core busy"
     )
 
     @model_validator(mode="after")
