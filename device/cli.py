@@ -288,11 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check-config",
         formatter_class=formatter,
-        help="validate a device.yaml",
-        description="Validate a device configuration and print it with defaults filled in.",
-        epilog="example:\n  doorstep-device check-config configs/device.yaml",
+        help="validate a device.yaml, or print its JSON Schema",
+        description="Validate a device configuration and print it with defaults filled in\n"
+        "(exit 2 and one line per problem, with its key path, if it does not validate).\n"
+        "--schema prints the JSON Schema of device.yaml instead: every key with its type,\n"
+        "bounds, unit and description.",
+        epilog="examples:\n  doorstep-device check-config configs/device.yaml\n"
+        "  doorstep-device check-config --schema > device.schema.json",
     )
-    p.add_argument("config", metavar="FILE")
+    p.add_argument("config", metavar="FILE", nargs="?", help="the device.yaml to validate")
+    p.add_argument(
+        "--schema", action="store_true", help="print the JSON Schema of device.yaml and exit"
+    )
     return parser
 
 
@@ -464,8 +471,13 @@ def cmd_bench_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from device.config import load_config
+    from device.config import config_schema, load_config
 
+    if args.schema:
+        print(json.dumps(config_schema(), indent=2))
+        return 0
+    if args.config is None:
+        raise DoorstepError("check-config: give a FILE to validate (or --schema)")
     cfg = load_config(args.config)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
     print(f"{args.config}: valid", file=sys.stderr)
