@@ -13,17 +13,12 @@ key" file that holds no key, an empty path.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
@@ -32,84 +27,30 @@ from pydantic import (
     model_validator,
 )
 
+from device.config_fields import (
+    TOPIC_PATTERN,
+    NonEmptyPath,
+    Section,
+    beside_config,
+    check_broker_url,
+    has_area,
+    not_empty,
+    public_key_file,
+    resolve_existing,
+)
+from device.config_source import FolderSourceConfig as FolderSourceConfig
+from device.config_source import OpenCVSourceConfig as OpenCVSourceConfig
+from device.config_source import Picamera2SourceConfig as Picamera2SourceConfig
+from device.config_source import SourceConfig as SourceConfig
+from device.config_source import StillSourceConfig as StillSourceConfig
 from device.errors import ConfigError, format_validation_error
 from device.power import PowerConfig
 from device.yamlfile import read_yaml_mapping as read_yaml_mapping
 
-KEY_FILE_MAX_BYTES = 64 * 1024
-MAIN_MAX = (4608, 2592)  # the largest Raspberry Pi camera mode (Camera Module 3, 12 MP)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-# ------------------------------------------------------------------------------------ paths
-
-
-def _not_empty(value: Any) -> Any:
-    """``Path('')`` is ``.``: an empty string would silently name the current directory."""
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("an empty path names no file or directory: give a path")
-    return value
-
-
-NonEmptyPath = Annotated[Path, BeforeValidator(_not_empty)]
-
-
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    if value is None:
-        return None
-    base = (info.context or {}).get("base_dir")
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    if not path.exists():
-        raise ValueError(f"path does not exist: {path}")
-    return path
-
-
-def _beside_config(value: Path, info: ValidationInfo) -> Path:
-    """A path that need not exist yet, relative to the config file's directory."""
-    base = (info.context or {}).get("base_dir")
-    path = value.expanduser()
-    return path if path.is_absolute() or base is None else Path(base) / path
-
-
-def _public_key_file(value: Path, info: ValidationInfo) -> Path:
-    """An existing, small, regular file that parses as doorstep Ed25519 public keys."""
-    from device.bundle.signing import KEY_TYPE, load_public_keys
-
-    path = _resolve(value, info)
-    assert path is not None
-    if not path.is_file():
-        raise ValueError(f"{path}: not a regular file (use a .pub from doorstep-host keygen)")
-    if path.stat().st_size > KEY_FILE_MAX_BYTES:
-        raise ValueError(
-            f"{path}: larger than {KEY_FILE_MAX_BYTES >> 10} KiB: not a public key file "
-            "(use a .pub from doorstep-host keygen)"
-        )
-    try:
-        load_public_keys(path)
-    except ConfigError as exc:
-        # Name the line, never quote it: a wrong path may point at a secret (/etc/shadow).
-        line = re.match(rf"{re.escape(str(path))}:(\d+): ", str(exc))
-        reason = (
-            f"line {line[1]} is not '{KEY_TYPE} <base64 of 32 bytes> [comment]'"
-            if line
-            else str(exc).removeprefix(f"{path}:").strip()
-        )
-        raise ValueError(
-            f"{path}: not an Ed25519 public key file ({reason}); "
-            "use a .pub from doorstep-host keygen"
-        ) from None
-    return path
-
-
 # ------------------------------------------------------------------------------------ model
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which model to run and how."""
 
     path: NonEmptyPath | None = Field(
@@ -139,7 +80,7 @@ class ModelConfig(_Section):
         None, description="detections kept per frame, 1..1000; null uses the bundle's"
     )
 
-    _check_paths = field_validator("path", "labels")(_resolve)
+    _check_paths = field_validator("path", "labels")(resolve_existing)
 
     @field_validator("labels")
     @classmethod
@@ -168,162 +109,10 @@ class ModelConfig(_Section):
         }
 
 
-# ------------------------------------------------------------------------------------ sources
-
-Fps = Annotated[float, Field(gt=0, le=120)]
-StallSeconds = Annotated[
-    float,
-    Field(
-        gt=0,
-        le=3600,
-        description="seconds (0..3600] without a frame after which a live source is reported "
-        "stalled (state, telemetry, log); the systemd watchdog then restarts the daemon",
-    ),
-]
-
-
-class FolderSourceConfig(_Section):
-    """A folder of images, in name order (replays, tests)."""
-
-    type: Literal["folder"] = Field(description="a folder of images")
-    path: NonEmptyPath = Field(description="the folder; its images are replayed in name order")
-    fps: Fps = Field(5.0, description="frames per second delivered, (0..120]")
-    stall_s: StallSeconds = 10.0
-
-    _check_path = field_validator("path")(_resolve)
-
-    @field_validator("path")
-    @classmethod
-    def _a_folder(cls, value: Path) -> Path:
-        if not value.is_dir():
-            raise ValueError(f"not a directory: {value} (a `still` source takes one image)")
-        return value
-
-
-class OpenCVSourceConfig(_Section):
-    """A USB camera (index), an RTSP/HTTP stream, or a video file."""
-
-    type: Literal["opencv"] = Field(description="a camera, stream or video file via OpenCV")
-    uri: (
-        Annotated[int, Field(ge=0, le=255)] | Annotated[str, Field(min_length=1, max_length=2048)]
-    ) = Field(
-        description="camera index 0..255 (/dev/video<N>), rtsp://... or http://... URL, or a "
-        "video file (at most 2048 characters)"
-    )
-    fps: Fps | None = Field(
-        None, description="frames per second, (0..120]: a file's rate override; null: its own"
-    )
-    loop: bool = Field(False, description="start a video file again at its end")
-    live: bool | None = Field(
-        None,
-        description="null: cameras and streams are live, files are not; true replays a file as "
-        "a camera would deliver it (in real time, newest frame only, drops counted)",
-    )
-    stall_s: StallSeconds = 10.0
-
-
-class StillSourceConfig(_Section):
-    """One image delivered as a live camera at ``fps`` (benchmarks, demos)."""
-
-    type: Literal["still"] = Field(description="one image, delivered as a live camera")
-    path: NonEmptyPath = Field(description="the image file")
-    fps: Fps = Field(10.0, description="frames per second delivered, (0..120]")
-    stall_s: StallSeconds = 10.0
-
-    _check_path = field_validator("path")(_resolve)
-
-    @field_validator("path")
-    @classmethod
-    def _a_file(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"not a file: {value} (a `folder` source takes a directory)")
-        return value
-
-
-Size = tuple[
-    Annotated[int, Field(ge=16, le=MAIN_MAX[0], multiple_of=2)],
-    Annotated[int, Field(ge=16, le=MAIN_MAX[1], multiple_of=2)],
-]
-
-
-class Picamera2SourceConfig(_Section):
-    """The Raspberry Pi camera: main stream for snapshots, lores stream for the model."""
-
-    type: Literal["picamera2"] = Field(description="the Raspberry Pi camera via picamera2")
-    main_size: Size = Field(
-        (1280, 720),
-        description="[width, height] in pixels of the snapshot stream: even, "
-        f"16..{MAIN_MAX[0]} x 16..{MAIN_MAX[1]}",
-    )
-    lores_size: Size = Field(
-        (320, 240),
-        description="[width, height] in pixels of the stream the model sees (about the model's "
-        "input size): even, at least 16, not larger than main_size",
-    )
-    lores_format: Literal["YUV420", "RGB888"] = Field(
-        "YUV420", description="lores pixel format: YUV420 on any Pi, RGB888 on a Pi 5"
-    )
-    fps: Fps = Field(10.0, description="frames per second asked of the camera, (0..120]")
-    stall_s: StallSeconds = 10.0
-
-    @model_validator(mode="after")
-    def _lores_within_main(self) -> Picamera2SourceConfig:
-        (mw, mh), (lw, lh) = self.main_size, self.lores_size
-        if lw > mw or lh > mh:
-            raise ValueError(
-                f"lores_size {lw}x{lh} is larger than main_size {mw}x{mh}: the camera scales "
-                "lores down from main"
-            )
-        return self
-
-
-SourceConfig = Annotated[
-    FolderSourceConfig | OpenCVSourceConfig | StillSourceConfig | Picamera2SourceConfig,
-    Field(discriminator="type"),
-]
-
-
 # ------------------------------------------------------------------------------------ mqtt
 
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
-_TOPIC = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
-_URL_FORM = "expected mqtt://host[:port] or mqtts://host[:port]"
 
-
-def check_broker_url(url: str) -> str:
-    """``url`` if paho can connect to it: scheme mqtt or mqtts, a host name or IP address, a
-    port in 1..65535 (default 1883 / 8883), no credentials, path, query or fragment."""
-    parts = urlsplit(url.strip())
-    if "://" not in url or not parts.scheme:
-        raise ValueError(f"not a broker URL: {_URL_FORM}")
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"scheme {parts.scheme!r} is not mqtt or mqtts: {_URL_FORM}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            "no credentials in the URL (it is logged): use mqtt.username and "
-            "mqtt.password_file or mqtt.password_env"
-        )
-    host = parts.hostname or ""
-    if not host:
-        raise ValueError(f"the host is missing: {_URL_FORM}")
-    if "[" in parts.netloc:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"[{host}] is not an IPv6 address: {_URL_FORM}") from None
-    elif not _HOSTNAME.match(host):
-        raise ValueError(f"host {host!r} is not a host name or IPv4 address: {_URL_FORM}")
-    after_host = parts.netloc.rpartition("]")[2] if "[" in parts.netloc else parts.netloc
-    _, colon, port = after_host.partition(":")
-    if colon and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
-        raise ValueError(f"port {port!r} is not a number in 1..65535")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"a broker URL has no path, query or fragment: {_URL_FORM}")
-    return url
-
-
-class MqttConfig(_Section):
+class MqttConfig(Section):
     """The broker, the topics, and how events wait for it."""
 
     url: Annotated[str, Field(max_length=512), AfterValidator(check_broker_url)] = Field(
@@ -360,13 +149,13 @@ class MqttConfig(_Section):
         description="seconds (0..3600) to wait on stop for the broker to acknowledge stored "
         "events (what is left stays in the outbox for the next start)",
     )
-    prefix: Annotated[str, Field(pattern=_TOPIC, max_length=64)] = Field(
+    prefix: Annotated[str, Field(pattern=TOPIC_PATTERN, max_length=64)] = Field(
         "doorstep",
         description="first topic level(s): <prefix>/<device_id>/...; letters, digits, _ - "
         "and single /, at most 64 characters",
     )
     home_assistant: bool = Field(True, description="publish Home Assistant discovery configs")
-    discovery_prefix: Annotated[str, Field(pattern=_TOPIC, max_length=64)] = Field(
+    discovery_prefix: Annotated[str, Field(pattern=TOPIC_PATTERN, max_length=64)] = Field(
         "homeassistant", description="Home Assistant's discovery topic prefix"
     )
     snapshot: bool = Field(True, description="retain a JPEG of the main stream at arrival")
@@ -387,7 +176,9 @@ class MqttConfig(_Section):
         20, description="events (1..1000) sent and not yet acknowledged by the broker, at most"
     )
 
-    _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(_resolve)
+    _check_files = field_validator("password_file", "ca_file", "cert_file", "key_file")(
+        resolve_existing
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttConfig:
@@ -405,19 +196,7 @@ class MqttConfig(_Section):
 Unit = Annotated[float, Field(ge=0, le=1)]
 
 
-def _has_area(polygon: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:
-    if polygon is None:
-        return None
-    doubled = sum(
-        x0 * y1 - x1 * y0
-        for (x0, y0), (x1, y1) in zip(polygon, polygon[1:] + polygon[:1], strict=True)
-    )
-    if abs(doubled) < 1e-9:
-        raise ValueError("the polygon has no area (its corners are on one line or repeated)")
-    return polygon
-
-
-class ZoneConfig(_Section):
+class ZoneConfig(Section):
     """A part of the frame where parcels are watched."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
@@ -425,7 +204,7 @@ class ZoneConfig(_Section):
     )
     polygon: (
         Annotated[
-            list[tuple[Unit, Unit]], Field(min_length=3, max_length=64), AfterValidator(_has_area)
+            list[tuple[Unit, Unit]], Field(min_length=3, max_length=64), AfterValidator(has_area)
         ]
         | None
     ) = Field(
@@ -435,7 +214,7 @@ class ZoneConfig(_Section):
     )
 
 
-class PresenceConfig(_Section):
+class PresenceConfig(Section):
     """When a parcel counts as arrived, and when as gone."""
 
     arrive_hits: Annotated[int, Field(ge=1, le=100)] = Field(
@@ -478,7 +257,7 @@ class PresenceConfig(_Section):
         return self
 
 
-class MotionConfig(_Section):
+class MotionConfig(Section):
     """Run the detector only when the scene changes, and every ``max_idle_s`` anyway."""
 
     enabled: bool = Field(True, description="false runs the detector on every frame")
@@ -493,7 +272,7 @@ class MotionConfig(_Section):
 # ------------------------------------------------------------------------------------ telemetry
 
 
-class TelemetryConfig(_Section):
+class TelemetryConfig(Section):
     """Latency, rate and health reports, and the JSON-lines log."""
 
     interval_s: Annotated[float, Field(ge=0.5, le=86_400)] = Field(
@@ -520,14 +299,14 @@ class TelemetryConfig(_Section):
     @field_validator("log_file")
     @classmethod
     def _log_beside_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _beside_config(value, info)
+        return None if value is None else beside_config(value, info)
 
 
-class SigningConfig(_Section):
+class SigningConfig(Section):
     """Which keys may sign the bundles this device runs."""
 
     public_keys: Annotated[
-        list[Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_public_key_file)]],
+        list[Annotated[Path, BeforeValidator(not_empty), AfterValidator(public_key_file)]],
         Field(max_length=16),
     ] = Field(
         default_factory=list,
@@ -540,7 +319,7 @@ class SigningConfig(_Section):
     )
 
 
-class DeviceConfig(_Section):
+class DeviceConfig(Section):
     """The doorbell's whole configuration."""
 
     device_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")] = Field(
@@ -575,7 +354,7 @@ class DeviceConfig(_Section):
     @field_validator("state_dir")
     @classmethod
     def _state_dir_beside_config(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _beside_config(value, info)
+        path = beside_config(value, info)
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} exists and is not a directory")
         return path

@@ -329,11 +329,12 @@ def test_every_field_is_described_and_bounded() -> None:
 
 
 def test_every_float_must_be_finite() -> None:
+    from device import config_fields, config_source
     from device.power import config as power_config
 
     sections = [
         obj
-        for module in (device_config, power_config)
+        for module in (device_config, config_fields, config_source, power_config)
         for obj in vars(module).values()
         if isinstance(obj, type)
         and issubclass(obj, BaseModel)
