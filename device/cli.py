@@ -614,15 +614,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             return "none"
         return f"{m['name']} {m['version']} ({m['id'][:12]})"
 
-    d = st["daemon"]
-    daemon = (
-        "no record"
-        if d is None
-        else (
-            f"{d['state']} (pid {d['pid']}), model sha256 {str(d['model_sha256'])[:12]}, "
+    d = st["daemon"]  # validated (device.record.DaemonRecord), or None and daemon_error says why
+    daemon = st["daemon_error"] or "no record"
+    if d is not None:
+        camera = d["source"]["status"] if d["source"] else "ok"
+        daemon = (
+            f"{d['state']} (pid {d['pid']}), model sha256 {d['model_sha256'][:12]}, "
             f"self-test {'ok' if d['self_test']['ok'] else 'FAILED'}"
+            + (f", storage {d['storage'].upper()}" if d["storage"] != "ok" else "")
+            + (f", camera {camera.upper()}" if camera != "ok" else "")
         )
-    )
     free = st["free_bytes"]
     text = "\n".join(
         [
@@ -648,11 +649,12 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
-    from device.install import activate, reload_daemon
+    from device.install import activate, reload_target, send_reload
 
     store, keys, service = _store_args(args)
+    target = reload_target(store, args.reload, service)  # an unreadable record stops us here
     result: dict[str, Any] = dict(activate(store, Path(args.path), keys))
-    result["reloaded"] = reload_daemon(store, args.reload, service)
+    result["reloaded"] = send_reload(target)
     _print(
         args,
         result,
@@ -662,11 +664,12 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from device.install import reload_daemon, rollback
+    from device.install import reload_target, rollback, send_reload
 
     store, keys, service = _store_args(args)
+    target = reload_target(store, args.reload, service)  # before anything is switched
     result: dict[str, Any] = dict(rollback(store, keys))
-    result["reloaded"] = reload_daemon(store, args.reload, service)
+    result["reloaded"] = send_reload(target)
     _print(
         args,
         result,

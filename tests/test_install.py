@@ -24,6 +24,7 @@ from device.bundle.store import pack_bundle, write_bundle
 from device.errors import DoorstepError
 from device.install import Store, activate, install, prune, read_daemon_record, rollback, status
 from device.models import DEFAULT_BUNDLE
+from device.record import DaemonRecord
 
 
 def variant(tmp_path: Path, version: str) -> Path:
@@ -150,7 +151,7 @@ def _daemon_config(tmp_path: Path, store: Store, keys: Path | None) -> Path:
     return conf
 
 
-def _wait_record(store: Store, check: Any, timeout: float = 60) -> dict[str, Any]:
+def _wait_record(store: Store, check: Any, timeout: float = 60) -> DaemonRecord:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = read_daemon_record(store)
@@ -187,33 +188,34 @@ def test_a_running_daemon_switches_models_and_keeps_serving_through_a_bad_one(
         text=True,
     )
     try:
-        rec = _wait_record(store, lambda r: r["state"] == "running")
-        assert rec["bundle_id"] == ids[0] and rec["self_test"]["ok"]
+        rec = _wait_record(store, lambda r: r.state == "running")
+        assert rec.bundle_id == ids[0] and rec.self_test.ok
         out = device_cli("activate", str(store.model_dir(ids[1])), "--config", str(conf), "--json")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["reloaded"] == "signal"
-        rec = _wait_record(store, lambda r: r["bundle_id"] == ids[1])
-        assert rec["last_reload"]["ok"] and rec["self_test"]["ok"]
+        rec = _wait_record(store, lambda r: r.bundle_id == ids[1])
+        assert rec.last_reload and rec.last_reload.ok and rec.self_test.ok
 
         out = device_cli("activate", str(store.model_dir(ids[2])), "--config", str(conf))
         assert out.returncode == 0, out.stderr  # the switch itself works ...
-        rec = _wait_record(store, lambda r: r["last_reload"] and not r["last_reload"]["ok"])
-        assert rec["bundle_id"] == ids[1]  # ... but the daemon keeps the good model
-        assert "collapsed" in rec["last_reload"]["error"]
-        assert rec["state"] == "running"
+        rec = _wait_record(store, lambda r: r.last_reload and not r.last_reload.ok)
+        assert rec.bundle_id == ids[1]  # ... but the daemon keeps the good model
+        assert rec.last_reload and "collapsed" in str(rec.last_reload.error)
+        assert rec.state == "running"
 
         out = device_cli("rollback", "--config", str(conf), "--json")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["active"] == ids[1]
-        rec = _wait_record(store, lambda r: r["last_reload"]["ok"])
-        assert rec["bundle_id"] == ids[1]
+        rec = _wait_record(store, lambda r: r.last_reload and r.last_reload.ok)
+        assert rec.bundle_id == ids[1]
         st = json.loads(device_cli("status", "--config", str(conf), "--json").stdout)
         assert st["active"]["id"] == ids[1] and st["daemon"]["state"] == "running"
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert read_daemon_record(store)["state"] == "stopped"  # type: ignore[index]
+    final = read_daemon_record(store)
+    assert final is not None and final.state == "stopped"
 
 
 def test_store_commands_need_a_state_dir(tmp_path: Path) -> None:
