@@ -101,7 +101,7 @@ def test_watch_prints_events_once_each(mosquitto: Any, tmp_path: Path) -> None:
         }
         pub.publish_event(ev)
         pub.outbox.add("abc", f"{pub.base}/events", ev, "arrived")  # a redelivery, same id
-        pub._send_pending()
+        pub.kick()
         assert pub.drain(30)
         pub.stop()
         # online, the event (once: the redelivery is dropped), then offline

@@ -21,7 +21,6 @@ import contextlib
 import heapq
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,21 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from device.alerts.eventdb import STORAGE_ERRORS, EventDb
+from device.alerts.memqueue import MemoryQueue, Priority, Row, priority
+
 if TYPE_CHECKING:
     from device.config import MqttConfig
 
 log = logging.getLogger("doorstep.outbox")
 
-REMINDER = "reminder"  # the one kind that yields to every other kind
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 60.0
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, topic TEXT NOT NULL, "
-    "payload BLOB NOT NULL, kind TEXT NOT NULL, created REAL NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS outbox_priority ON outbox ((kind = 'reminder'), created)",
-    "CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created)",
-    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-)
-_STORAGE_ERRORS = (sqlite3.Error, OSError)
 
 
 class Event(NamedTuple):
@@ -84,14 +77,6 @@ class OutboxStats:
         return self.dropped_full + self.dropped_expired + self.dropped_memory
 
 
-# (id, topic, payload, kind, created): a row as stored, and as held in memory
-_Row = tuple[str, str, bytes, str, float]
-
-
-def _priority(kind: str, created: float, tiebreak: int) -> tuple[bool, float, int]:
-    return (kind == REMINDER, created, tiebreak)
-
-
 class Outbox:
     """The event outbox and the daemon's small persisted state; thread-safe."""
 
@@ -104,15 +89,15 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` dates events (their age decides expiry); ``monotonic`` paces retries."""
         self.path = Path(path)
-        self.max_events, self.memory_max, self.expiry_s = max_events, memory_max, expiry_s
+        self.max_events, self.expiry_s = max_events, expiry_s
         self.clock, self._monotonic = clock, monotonic
         self._lock = threading.Lock()
         self._storage_changed = threading.Condition(self._lock)
-        self._db: sqlite3.Connection | None = None
+        self._db: EventDb | None = None
         self._closed = False
-        self._mem: dict[str, tuple[_Row, int]] = {}  # id -> (row, arrival order)
-        self._mem_seq = 0
+        self._mem = MemoryQueue(memory_max)
         self._mem_kv: dict[str, str] = {}
         self._gone: set[str] = set()  # delivered, still on disk: the delete could not be written
         self._disk_count = 0  # the last count read, for when the disk cannot be read
@@ -124,8 +109,12 @@ class Outbox:
         with self._lock:
             try:
                 self._open()
-            except _STORAGE_ERRORS as exc:
+            except STORAGE_ERRORS as exc:
                 self._fail(exc)
+
+    @property
+    def memory_max(self) -> int:
+        return self._mem.max_events
 
     @classmethod
     def from_config(
@@ -142,18 +131,14 @@ class Outbox:
         (see the module docstring)."""
         now = self.clock()
         rows = [
-            (e.id, e.topic, json.dumps(e.payload, separators=(",", ":")).encode(), e.kind, now)
+            Row(e.id, e.topic, json.dumps(e.payload, separators=(",", ":")).encode(), e.kind, now)
             for e in events
         ]
         kv = dict(state or {})
         with self._lock:
             self._maybe_retry()
-            if self._error is None:
-                try:
-                    self._transaction(rows, kv, ())
-                    return True
-                except _STORAGE_ERRORS as exc:
-                    self._fail(exc)
+            if self._error is None and self._write(rows, kv, ()):
+                return True
             self._hold(rows)
             self._mem_kv.update(kv)
             return False
@@ -170,11 +155,10 @@ class Outbox:
             if self._db is None:
                 return None
             try:
-                row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-            except _STORAGE_ERRORS as exc:
+                return self._db.get(key)
+            except STORAGE_ERRORS as exc:
                 self._fail(exc)
                 return None
-            return None if row is None else str(row[0])
 
     def pending(self, limit: int = 1000, exclude: Iterable[str] = ()) -> list[Pending]:
         """Up to ``limit`` events to send, in delivery order: every kind before reminders,
@@ -184,36 +168,23 @@ class Outbox:
         with self._lock:
             self._maybe_retry()
             now = self.clock()
-            self._prune(now)
+            self._expire(now)
             cutoff = now - self.expiry_s
-            found: list[tuple[tuple[bool, float, int], _Row]] = []
+            found: list[tuple[Priority, Row]] = []
             if self._db is not None:
                 try:
-                    rows = self._db.execute(
-                        "SELECT id, topic, payload, kind, created, rowid FROM outbox "
-                        "WHERE created >= ? ORDER BY (kind = 'reminder'), created, rowid LIMIT ?",
-                        (cutoff, limit + len(skip) + len(self._gone)),
-                    ).fetchall()
-                except _STORAGE_ERRORS as exc:
+                    stored = self._db.pending(cutoff, limit + len(skip) + len(self._gone))
+                except STORAGE_ERRORS as exc:
                     self._fail(exc)
-                    rows = []
-                for r in rows:
-                    if r[0] not in skip and r[0] not in self._gone:
-                        found.append(
-                            (_priority(r[3], r[4], -1), (r[0], r[1], bytes(r[2]), r[3], r[4]))
-                        )
-            found += heapq.nsmallest(
-                limit,
-                (
-                    (_priority(row[3], row[4], seq), row)
-                    for row, seq in self._mem.values()
-                    if row[0] not in skip and row[4] >= cutoff
-                ),
-            )
+                    stored = []
+                found = [
+                    (priority(row, -1), row)
+                    for row, _ in stored
+                    if row.id not in skip and row.id not in self._gone
+                ]
+            found += self._mem.best(limit, skip, cutoff)
             best = heapq.nsmallest(limit, found, key=lambda f: f[0])
-        return [
-            Pending(r[0], r[1], r[2], r[3], r[4], self.expiry_s - (now - r[4])) for _, r in best
-        ]
+        return [Pending(*r, expires_in=self.expiry_s - (now - r.created)) for _, r in best]
 
     def delete(self, event_id: str) -> None:
         """The broker has the event: forget it (from disk or memory)."""
@@ -222,16 +193,11 @@ class Outbox:
     def delete_many(self, event_ids: Iterable[str]) -> None:
         """``delete`` for many ids, in one transaction."""
         with self._lock:
-            ids = [i for i in event_ids if self._mem.pop(i, None) is None]
+            ids = [i for i in event_ids if not self._mem.discard(i)]
             if ids:
                 self._maybe_retry()
-                if self._error is None:
-                    try:
-                        self._transaction([], {}, ids)
-                        ids = []
-                    except _STORAGE_ERRORS as exc:
-                        self._fail(exc)
-                self._mark_gone(ids)
+                if self._error is not None or not self._write([], {}, ids):
+                    self._mark_gone(ids)
             if self._dropping and self._depth() == 0:
                 self._dropping = False
                 log.info("outbox %s: the backlog is delivered; %s", self.path, self._drop_summary())
@@ -247,7 +213,7 @@ class Outbox:
         (None while storage is ok). The publisher's sender calls it between sends."""
         with self._lock:
             self._maybe_retry()
-            self._prune(self.clock())
+            self._expire(self.clock())
             if self._error is None:
                 return None
             return max(0.0, self._retry_at - self._monotonic())
@@ -294,122 +260,59 @@ class Outbox:
     # -- storage (all under self._lock)
     def _open(self) -> None:
         if self._closed:
-            raise sqlite3.ProgrammingError("the outbox is closed")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            self._disk_count = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        except BaseException:
-            db.close()
-            raise
-        self._db = db
+            raise RuntimeError("the outbox is closed")
+        self._db = EventDb(self.path)
+        self._disk_count = self._db.count()
 
-    def _transaction(
-        self, rows: Sequence[_Row], kv: Mapping[str, str], deletes: Iterable[str]
-    ) -> None:
-        """Insert ``rows``, upsert ``kv``, delete ``deletes`` and apply the bound, atomically."""
-        if self._db is None:
-            self._open()
-        db = self._db
-        assert db is not None
+    def _write(self, rows: Sequence[Row], kv: Mapping[str, str], deletes: Iterable[str]) -> bool:
+        """One transaction; False (and degraded) if the disk refused it."""
         try:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
-            db.executemany("DELETE FROM outbox WHERE id = ?", ((i,) for i in deletes))
-            db.executemany(
-                "INSERT INTO kv VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                kv.items(),
-            )
-            count = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-            bounded = self._bound(db, count) if rows else 0
-            db.execute("COMMIT")
-        except BaseException:
-            try:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite may have rolled back already (e.g. on SQLITE_FULL)
-            raise
-        self._disk_count = count - bounded
+            if self._db is None:
+                self._open()
+            assert self._db is not None
+            bounded, self._disk_count = self._db.write(rows, kv, deletes, self.max_events)
+        except (*STORAGE_ERRORS, RuntimeError) as exc:
+            self._fail(exc)
+            return False
         if bounded:
             self.dropped_full += bounded
             self._note_drop(f"{bounded} past the bound of {self.max_events}")
+        return True
 
-    def _bound(self, db: sqlite3.Connection, count: int) -> int:
-        excess, dropped = count - self.max_events, 0
-        for condition in ("kind = 'reminder'", "1 = 1"):
-            if excess <= 0:
-                break
-            cur = db.execute(
-                f"DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox WHERE {condition} "
-                "ORDER BY created, rowid LIMIT ?)",
-                (excess,),
-            )
-            dropped += cur.rowcount
-            excess -= cur.rowcount
-        return dropped
-
-    def _prune(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
         """Drop events past their expiry, from memory and (when it can be written) from disk."""
         cutoff = now - self.expiry_s
-        old = [i for i, (row, _) in self._mem.items() if row[4] < cutoff]
-        for i in old:
-            del self._mem[i]
-        expired = len(old)
+        expired = self._mem.expire(cutoff)
         if self._db is not None and self._error is None:
             try:
-                (n,) = self._db.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE created < ?", (cutoff,)
-                ).fetchone()
-                if n:
-                    cur = self._db.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
-                    expired += cur.rowcount
-                    self._disk_count -= cur.rowcount
-            except _STORAGE_ERRORS as exc:
+                expired += (n := self._db.expire(cutoff))
+                self._disk_count -= n
+            except STORAGE_ERRORS as exc:
                 self._fail(exc)
         if expired:
             self.dropped_expired += expired
             self._note_drop(f"{expired} older than {self.expiry_s:g} s")
 
-    def _hold(self, rows: Iterable[_Row]) -> None:
-        """Keep ``rows`` in memory, within ``memory_max`` (reminders go first, then the oldest)."""
-        for row in rows:
-            if row[0] not in self._mem:
-                self._mem_seq += 1
-                self._mem[row[0]] = (row, self._mem_seq)
-        excess = len(self._mem) - self.memory_max
-        if excess > 0:
-            order = sorted(self._mem.values(), key=lambda m: (m[0][3] != REMINDER, m[0][4], m[1]))
-            for row, _ in order[:excess]:
-                del self._mem[row[0]]
-            self.dropped_memory += excess
-            self._note_drop(f"{excess} past the memory queue of {self.memory_max}")
+    def _hold(self, rows: Iterable[Row]) -> None:
+        if dropped := self._mem.add(rows):
+            self.dropped_memory += dropped
+            self._note_drop(f"{dropped} past the memory queue of {self.memory_max}")
 
     def _mark_gone(self, ids: Iterable[str]) -> None:
         """Remember delivered ids whose delete could not be written (only those on disk)."""
         for i in ids:
             try:
-                on_disk = self._db is not None and (
-                    self._db.execute("SELECT 1 FROM outbox WHERE id = ?", (i,)).fetchone()
-                    is not None
-                )
-            except _STORAGE_ERRORS:
+                on_disk = self._db is not None and self._db.has(i)
+            except STORAGE_ERRORS:
                 on_disk = True
             if on_disk:
                 self._gone.add(i)
 
     def _depth(self) -> int:
-        disk = self._disk_count
         if self._db is not None:
-            with contextlib.suppress(*_STORAGE_ERRORS):  # unreadable: the last count read
-                disk = self._disk_count = int(
-                    self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-                )
-        return max(0, disk - len(self._gone)) + len(self._mem)
+            with contextlib.suppress(*STORAGE_ERRORS):  # unreadable: the last count read
+                self._disk_count = self._db.count()
+        return max(0, self._disk_count - len(self._gone)) + len(self._mem)
 
     # -- degraded storage
     def _maybe_retry(self) -> None:
@@ -417,11 +320,8 @@ class Outbox:
             self._flush()
 
     def _flush(self) -> bool:
-        held = [row for row, _ in sorted(self._mem.values(), key=lambda m: m[1])]
-        try:
-            self._transaction(held, self._mem_kv, self._gone)
-        except _STORAGE_ERRORS as exc:
-            self._fail(exc)
+        held = self._mem.rows()
+        if not self._write(held, self._mem_kv, self._gone):
             return False
         self._mem.clear()
         self._mem_kv.clear()
@@ -433,7 +333,8 @@ class Outbox:
         return True
 
     def _fail(self, exc: BaseException) -> None:
-        error = f"{self.path}: {exc}"
+        reason = str(exc)
+        error = reason if str(self.path.parent) in reason else f"{self.path}: {reason}"
         if self._error is None:
             self._storage_episodes += 1
             self._backoff = RETRY_MIN_S
@@ -441,7 +342,7 @@ class Outbox:
                 "outbox %s cannot be written (%s): holding up to %d new events in memory, "
                 "retrying with backoff",
                 self.path,
-                exc,
+                reason,
                 self.memory_max,
             )
         else:
