@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from brokers import Mosquitto  # noqa: E402
-from daemonproc import DaemonProc, Scene, porch_scenes  # noqa: E402
-from test_alerts import Listener  # noqa: E402
+from brokers import Mosquitto
+from daemonproc import DaemonProc, Scene, porch_scenes
+from test_alerts import Listener
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFIG = """
