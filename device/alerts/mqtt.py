@@ -1,6 +1,11 @@
 """MQTT publishing with paho-mqtt 2.x: availability with a Last Will, retained state, QoS 1
 events through the durable outbox, reconnect with backoff, TLS and passwords.
 
+Events are committed to the outbox first (``commit``, or ``Outbox.commit`` then ``kick``);
+the ``Sender`` thread (``device.alerts.sender``) drains it continuously, at most
+``max_inflight`` unacknowledged, every other kind before reminders, each with an MQTT 5
+message expiry of its remaining lifetime.
+
 Topics under ``doorstep/<device_id>/``: ``availability`` (retained online/offline), ``state``
 (retained JSON), ``events`` (QoS 1, not retained, with a message expiry), ``snapshot``
 (retained JPEG while a parcel is there, cleared on removal), ``telemetry`` (periodic JSON).
