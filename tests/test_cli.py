@@ -287,6 +287,7 @@ def test_check_config_prints_the_validated_config() -> None:
 @pytest.mark.skipif(
     not HAS_TF, reason="the demo builds its model with TensorFlow (host side; main environment)"
 )
+@pytest.mark.timeout(900)  # the whole demo: quantize, detect, daemon (40 s on a quiet machine)
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "host.cli", "demo", "--out", str(tmp_path / "demo")],

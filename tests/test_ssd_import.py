@@ -20,6 +20,8 @@ pytestmark = [
     pytest.mark.skipif(
         not HAS_TF, reason="rebuilding and quantizing need TensorFlow (main environment)"
     ),
+    # TensorFlow in child processes; the first test to run also rebuilds the real SSD.
+    pytest.mark.timeout(300),
 ]
 
 
@@ -92,6 +94,7 @@ def test_rebuilt_float_model_matches_the_zoo_model(
         assert box_iou(np.array(wb), np.array([gb]))[0] > 0.9
 
 
+@pytest.mark.timeout(600)  # rebuilds and quantizes the real SSD (25 s on a quiet machine)
 def test_quantized_rebuilt_ssd_finds_the_same_objects_on_real_photos(
     rebuilt: Path, ssd_labels: Path, coco_samples: Path
 ) -> None:

@@ -58,6 +58,7 @@ def test_real_split_holds_whole_scenes_out() -> None:
 
 @pytest.mark.host
 @pytest.mark.skipif(not HAS_TF, reason="training needs TensorFlow (main environment)")
+@pytest.mark.timeout(600)  # TensorFlow training steps (20 s on a quiet machine)
 def test_a_few_steps_on_two_real_photos_lower_the_loss(tmp_path: Path, ssd_model: Path) -> None:
     porch = SHARED / "data" / "porch-2211"
     data = tmp_path / "two"
