@@ -77,6 +77,10 @@ class Sender:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():  # acks that came after its last cycle: settle them
+                with self._cond:
+                    acks, self._acks = self._acks, []
+                self.outbox.delete_many(self._settle(acks))
 
     def kick(self) -> None:
         """Something was committed (or the connection is back): look at the outbox now."""
@@ -122,7 +126,8 @@ class Sender:
             with self._cond:
                 self._cond.notify_all()  # drain() looks again
 
-    def _cycle(self, acks: list[tuple[int, bool]], kicked: bool) -> None:
+    def _settle(self, acks: list[tuple[int, bool]]) -> list[str]:
+        """The event ids the broker acknowledged, out of the window."""
         done = []
         for mid, refused in acks:
             event_id = self._inflight.pop(mid, None)
@@ -133,6 +138,10 @@ class Sender:
             if refused:
                 self.rejected += 1
                 log.warning("the broker refused event %s; it is not sent again", event_id)
+        return done
+
+    def _cycle(self, acks: list[tuple[int, bool]], kicked: bool) -> None:
+        done = self._settle(acks)
         retry_in = self.outbox.maintain()
         self._wait = None if retry_in is None else max(retry_in, 0.1)
         if self.connected.is_set() and (kicked or self._more):
