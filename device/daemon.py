@@ -118,12 +118,8 @@ class Daemon:
         gate = MotionGate.from_config(cfg.motion) if cfg.motion.enabled else None
         self.pipeline = Pipeline(det, tracker, gate)
         q = cfg.mqtt
-        self.outbox = Outbox(
-            state_dir / "outbox.sqlite",
-            max_events=q.outbox_max_events if q else 10_000,
-            memory_max=q.memory_queue_events if q else 1_000,
-            expiry_s=q.event_expiry_s if q else 86_400,
-        )
+        db = state_dir / "outbox.sqlite"  # with no broker it holds the tracker's state only
+        self.outbox = Outbox.from_config(db, q) if q is not None else Outbox(db)
         self.events_topic = f"{q.prefix}/{cfg.device_id}/events" if q else ""
         self.source = open_source(cfg.source)
         # Cameras run on Unix time, so the tracker's state means the same after a restart;

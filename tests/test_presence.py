@@ -95,3 +95,35 @@ def test_events_carry_ids_sequence_boxes_and_model() -> None:
 def test_a_model_without_a_package_class_is_refused() -> None:
     with pytest.raises(ValueError, match="no class with the role 'package'"):
         PresenceTracker(PresenceSettings(), frozenset())
+
+
+def test_a_restored_tracker_keeps_the_parcel_and_names_its_arrival() -> None:
+    """snapshot -> JSON -> restore (a restart): no second arrival; the removal carries the
+    arrival's id; sequence numbers go on."""
+    import json
+
+    first = tracker(reminder_every_s=None)
+    (arrived,) = [e for t in (0.0, 1.0, 2.0) for e in first.update(t, [PARCEL], 640, 480)]
+    doc = json.loads(json.dumps(first.snapshot()))
+    second = tracker(reminder_every_s=None)
+    assert second.restore(doc) == ["doorstep"]
+    assert second.present() == {"doorstep": True} and second.count() == 1
+    assert second.update(3.0, [PARCEL], 640, 480) == []  # the same parcel, still there
+    assert second.update(20.0, [], 640, 480)[0].kind == "removed"
+    third = tracker(reminder_every_s=None)
+    third.new_id = lambda: "after-restart"
+    third.restore(doc)
+    (gone,) = third.update(30.0, [], 640, 480)  # long after: last seen at 2.0
+    assert (gone.kind, gone.arrival_id, gone.seq) == ("removed", arrived.id, arrived.seq + 1)
+    assert arrived.arrival_id == arrived.id and gone.id == "after-restart"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [None, [], {"version": 99, "seq": 1, "zones": {}}, {"version": 1, "seq": "x", "zones": {}},
+     {"version": 1, "seq": 1, "zones": {"doorstep": {"present": True}}}],
+)
+def test_a_malformed_state_resumes_nothing(doc: object) -> None:
+    t = tracker()
+    assert t.restore(doc) == []
+    assert t.present() == {"doorstep": False} and t.seq == 0
