@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry", action="store_true", help="also show telemetry reports (JSON only)"
     )
 
-    add_fleet_parsers(sub)  # keygen, sign, deploy, rollback, status, bench-deploy
+    add_fleet_parsers(sub)  # keygen, sign, deploy, rollback, status
     return parser
 
 

@@ -1,6 +1,6 @@
 """The ``ssh_fleet`` fixture: real OpenSSH daemons on loopback, one per simulated doorbell.
 
-The harness itself is ``host.fleet.loopback`` (the deploy benchmark uses it too); names are
+The harness itself is ``support.loopback`` (the deploy benchmark uses it too); names are
 re-exported here for the tests. ``ssh_fleet`` starts 3 devices; ``@pytest.mark.parametrize(
 "ssh_fleet", [10], indirect=True)`` starts another count. Every daemon is stopped at teardown.
 """
@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from host.fleet.loopback import (
+from support.loopback import (
     LOOPBACK,
     ROOT,
     SshdError,

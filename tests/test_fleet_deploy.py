@@ -17,18 +17,18 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
+from support.doorbell import DoorbellDaemon, start_daemons, write_still_image
+from support.loopback import SshFleet
 
 import device
 from device.bundle.signing import bundle_id, generate_keypair, sign_bundle
 from device.bundle.store import load_bundle, pack_bundle, write_bundle
 from host.cli import main as host_main
-from host.fleet.doorbell import DoorbellDaemon, start_daemons, write_still_image
-from host.fleet.loopback import SshFleet
 from host.fleet.plan import BundleInfo
 
 pytestmark = pytest.mark.host  # the device-only environment does not collect it (conftest)
@@ -501,9 +501,7 @@ def test_deploy_refuses_bad_input_with_a_clear_error(tmp_path: Path) -> None:
     assert group.code == 2 and "no group 'garden'" in group.err
 
 
-@pytest.mark.parametrize(
-    "command", ["keygen", "sign", "deploy", "rollback", "status", "bench-deploy"]
-)
+@pytest.mark.parametrize("command", ["keygen", "sign", "deploy", "rollback", "status"])
 def test_every_fleet_command_has_help_with_examples(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -511,3 +509,136 @@ def test_every_fleet_command_has_help_with_examples(
         host_main([command, "--help"])
     assert done.value.code == 0
     assert "example" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ a device that lies
+
+
+def test_a_device_with_a_garbage_record_is_refused_and_the_others_deploy(lab: Lab) -> None:
+    """door2's daemon.json is 100,000-deep JSON, door3's a FIFO (planted by a group member):
+    each is that device's refusal, with the device's reason; nothing hangs or crashes, and
+    door1 deploys. ``status`` shows the two as invalid records."""
+    planted = [lab.fleet[i].state_dir / "daemon.json" for i in (1, 2)]
+    planted[0].write_text("[" * 100_000 + "]" * 100_000)
+    planted[1].unlink()
+    os.mkfifo(planted[1])
+    dry = cli("deploy", lab.bundles["v1"], "--fleet", lab.fleet_file, "--dry-run")
+    assert dry.code == 1, dry.err  # some devices cannot take it
+    assert "1 to change, 0 already on the bundle, 2 refused" in dry.out, dry.out
+    run = lab.deploy("v1", "--canary", "0")
+    assert run.outcomes() == {"door1": "deployed", "door2": "refused", "door3": "refused"}
+    assert f"{planted[0]}: invalid record: 200000 bytes, more than the 65536" in run.detail("door2")
+    assert f"{planted[1]}: invalid record: not a regular file (a FIFO)" in run.detail("door3")
+    assert "restart the daemon" in run.detail("door3")
+    assert lab.linked(1) is None and lab.linked(2) is None  # nothing changed on them
+    status = cli("status", "--fleet", lab.fleet_file, "--json")
+    rows = {r["device"]: r for r in status.doc["devices"]}
+    assert rows["door1"]["daemon"] == "running, self-test ok"
+    assert rows["door2"]["daemon"] == rows["door3"]["daemon"] == "invalid record"
+    assert "invalid record" in rows["door3"]["last_event"]
+
+
+def _device(d: Any) -> Any:
+    from host.fleet.inventory import Device
+
+    return Device(
+        name=d.name,
+        host=d.host,
+        device_id=d.name,
+        user=d.user,
+        port=d.port,
+        key_file=d.key_file,
+        known_hosts=d.known_hosts,
+        state_dir=PurePosixPath(d.state_dir),
+        python=d.python,
+    )
+
+
+def test_the_health_gate_reads_a_hostile_record_as_that_devices_error(
+    ssh_fleet: SshFleet, tmp_path: Path
+) -> None:
+    """What the health gate polls over SFTP: a link, a FIFO (whose open would block the SFTP
+    server), an oversized or deep document, a record of the wrong shape. Each becomes facts
+    whose ``error`` says why; none hangs (each read is bounded by a timeout here)."""
+    from host.fleet.remote import RemoteDoorstep
+    from host.fleet.ssh import connect
+
+    device = ssh_fleet[0]
+    path = device.state_dir / "daemon.json"
+    elsewhere = tmp_path / "good.json"
+    good = {
+        "pid": os.getpid(),
+        "state": "running",
+        "model_sha256": "e" * 64,
+        "model": {"name": "m", "version": "1"},
+        "self_test": {"ok": True, "ms": 1.0, "time": 1.0},
+        "started": 1.0,
+        "updated": 2.0,
+    }
+    elsewhere.write_text(json.dumps(good))
+
+    def plant(kind: str) -> None:
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dev-zero":
+            path.symlink_to("/dev/zero")
+        elif kind == "link":
+            path.symlink_to(elsewhere)
+        elif kind == "deep":
+            path.write_text("[" * 30_000 + "]" * 30_000)
+        elif kind == "big":
+            path.write_bytes(b" " * (1 << 20))
+        elif kind == "pid-true":
+            path.write_text(json.dumps({**good, "pid": True}))
+        else:
+            path.write_text(json.dumps(good))
+
+    expected = {
+        "fifo": "not a regular file",
+        "dev-zero": "a symbolic link",
+        "link": "a symbolic link",
+        "deep": "recursion limit exceeded",
+        "big": "more than 65536",
+        "pid-true": "pid: Input should be a valid integer",
+    }
+
+    async def go() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with connect(device) as conn:
+            remote = RemoteDoorstep(conn, _device(device))
+            for kind in [*expected, "good"]:
+                plant(kind)
+                seen[kind] = await asyncio.wait_for(remote.daemon(), timeout=30)
+        return seen
+
+    seen = asyncio.run(go())
+    for kind, why in expected.items():
+        facts = seen[kind]
+        assert facts is not None and facts.error is not None, kind
+        assert facts.error.startswith(f"{path}: invalid record: ") and why in facts.error, facts
+    assert seen["good"].error is None and seen["good"].state == "running"  # this pid is alive
+
+
+def test_test_harnesses_are_not_in_the_shipped_package(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    for name in ("host.fleet.loopback", "host.fleet.doorbell", "host.fleet.bench", "host.redbox"):
+        assert importlib.util.find_spec(name) is None, name
+    with pytest.raises(SystemExit) as done:
+        host_main(["bench-deploy", "--help"])
+    assert done.value.code == 2 and "invalid choice: 'bench-deploy'" in capsys.readouterr().err
+    # The benchmark lives with the tests and runs from the checkout (scripts/run bench).
+    out = subprocess.run(
+        [sys.executable, "-m", "support.bench_deploy", "--help"],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "PYTHONPATH=tests" in out.stdout, out.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
+import subprocess
+import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -499,11 +502,28 @@ def test_an_inventory_of_top_level_groups_needs_no_all(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ facts
 
 
-def test_facts_from_a_real_device_status_document(tmp_path: Path) -> None:
+@pytest.fixture
+def daemon_lookalike(tmp_path: Path) -> Iterator[int]:
+    """The pid of a live process whose command line is ``.../doorstep-device run`` (a stand-in
+    for the daemon: ``status`` counts a record as running only for such a process)."""
+    exe = tmp_path / "bin" / "doorstep-device"
+    exe.parent.mkdir()
+    exe.symlink_to(sys.executable)
+    with subprocess.Popen(
+        [str(exe), "-c", "import sys; sys.stdin.read()", "run"], stdin=subprocess.PIPE
+    ) as proc:
+        try:
+            yield proc.pid
+        finally:
+            proc.kill()
+
+
+def test_facts_from_a_real_device_status_document(tmp_path: Path, daemon_lookalike: int) -> None:
     from device.install import Store, status, write_daemon_record
     from host.fleet.facts import StatusFormatError, parse_status
 
-    store = Store(tmp_path)
+    store = Store(tmp_path / "state")
+    store.state_dir.mkdir()
     empty = parse_status(status(store))
     assert (empty.active_sha, empty.previous_sha, empty.daemon, empty.stored) == (
         None,
@@ -514,16 +534,17 @@ def test_facts_from_a_real_device_status_document(tmp_path: Path) -> None:
     assert empty.doorstep_version == device.__version__ and empty.free_bytes
     assert plan_device(empty, _bundle(), POLICY) == [DaemonDown("no daemon.json")]
 
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / f"{NEW}.tar.part").write_bytes(b"x" * 10)
+    store.models.mkdir(parents=True)
+    (store.models / f"{NEW}.tar.part").write_bytes(b"x" * 10)
     write_daemon_record(
         store,
         {
-            "pid": os.getpid(),  # alive: this process
+            "pid": daemon_lookalike,  # alive, and looks like the daemon
             "state": "running",
             "systemd": False,
             "model_sha256": "e" * 64,
             "bundle_id": None,
+            "model": {"name": "doorstep-parcel-ssd", "version": "1.0.0"},
             "self_test": {"ok": True, "ms": 12.0, "time": 1.0, "error": None},
             "last_reload": None,
             "started": 1.0,
@@ -534,7 +555,7 @@ def test_facts_from_a_real_device_status_document(tmp_path: Path) -> None:
     assert facts.partials == {NEW: 10}
     assert facts.daemon == DaemonFacts(
         state="running",
-        pid=os.getpid(),
+        pid=daemon_lookalike,
         model_sha256="e" * 64,
         self_test_ok=True,
         updated=2.0,
@@ -548,7 +569,7 @@ def _now(**daemon: object) -> DaemonFacts:
 
 
 def test_health_verdict() -> None:
-    from host.fleet.facts import health_verdict
+    from host.fleet.facts import Verdict, health_verdict
 
     before = _daemon(OLD, updated=100.0)
     # Not yet reloaded: the report predates the switch, even though it says OLD is fine.
@@ -593,3 +614,118 @@ def test_health_verdict() -> None:
         before, _now(serving=NEW, updated=101.0, state="stopped"), NEW
     ).reason == ("the daemon is stopped")
     assert health_verdict(before, None, NEW).outcome == "wait"
+    # A record the daemon could not have written: the verdict waits (the daemon rewrites its
+    # record after the reload) and says why; at the deadline the gate rolls back.
+    bad = DaemonFacts(error="/s/daemon.json: invalid record: pid: Field required")
+    assert health_verdict(before, bad, NEW) == Verdict("wait", bad.error or "")
+
+
+# ------------------------------------------------------------------ hostile device answers
+
+
+GOOD_RECORD: dict[str, object] = {
+    "pid": 4242,
+    "state": "running",
+    "systemd": False,
+    "model_sha256": "e" * 64,
+    "bundle_id": OLD,
+    "model": {"name": "doorstep-parcel-ssd", "version": "1.0.0"},
+    "self_test": {"ok": True, "ms": 12.0, "time": 1.0, "error": None},
+    "last_reload": None,
+    "last_event": {"event": "arrived", "id": "ab", "zone": "porch", "wall_time": 1.7e9},
+    "started": 1.0,
+    "updated": 2.0,
+}
+
+
+def _status_doc(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "doorstep_version": "0.1.0",
+        "state_dir": "/var/lib/doorstep",
+        "active": {"id": OLD, "name": "parcel", "version": "2", "model_sha256": "e" * 64},
+        "previous": None,
+        "stored": [OLD],
+        "partials": {},
+        "free_bytes": 1 << 30,
+        "daemon": GOOD_RECORD,
+        "daemon_error": None,
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_a_device_whose_record_is_invalid_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The device reports an invalid record as ``daemon_error``: the plan refuses that device,
+    quoting the device's reason, instead of crashing or calling the daemon "stopped"."""
+    from device.install import Store, status
+    from host.fleet.facts import parse_status
+    from host.fleet.plan import BadDaemonRecord
+
+    store = Store(tmp_path)
+    store.daemon_file.write_text("[" * 20_000 + "]" * 20_000)
+    facts = parse_status(status(store), "door1")
+    assert facts.daemon is not None and facts.daemon.error is not None
+    assert facts.daemon.error.startswith(f"{store.daemon_file}: invalid record: ")
+    steps = plan_device(facts, _bundle(), POLICY)
+    assert steps == [BadDaemonRecord(facts.daemon.error)]
+    assert "cannot be read" in steps[0].describe() and "restart" in steps[0].describe()
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "recursion limit exceeded"),
+        ("[" * 600_000 + "]" * 600_000, "more than 1048576 bytes"),
+        ("null", "Input should be an object"),
+        ("[1, 2]", "Input should be an object"),
+        (_status_doc(daemon={**GOOD_RECORD, "pid": True}), "daemon.pid: Input should be a valid"),
+        (_status_doc(daemon=[1]), "daemon: Input should be a valid dictionary"),
+        (_status_doc(stored=["../../etc"]), "stored.0: String should match pattern"),
+        (_status_doc(free_bytes="lots"), "free_bytes: Input should be a valid integer"),
+        (_status_doc(doorstep_version=None), "doorstep_version: Input should be a valid string"),
+    ],
+    ids=["100k-deep", "too-big", "null", "list", "pid", "daemon", "stored", "free", "version"],
+)
+def test_a_garbage_status_answer_is_that_devices_error(answer: object, why: str) -> None:
+    from host.fleet.facts import StatusFormatError, parse_status
+    from host.fleet.status import from_status_doc
+
+    with pytest.raises(StatusFormatError) as caught:
+        parse_status(answer, "door9")
+    assert str(caught.value).startswith("door9: `doorstep-device status --json` printed")
+    assert why in str(caught.value)
+    row = from_status_doc("door9", answer)
+    assert row.reachable and row.daemon == "invalid status" and why in row.last_event
+
+
+def test_status_rows_come_from_the_typed_record() -> None:
+    from host.fleet.status import from_status_doc
+
+    row = from_status_doc("door1", _status_doc())
+    assert row.model == f"parcel 2 ({OLD[:12]})" and row.daemon == "running, self-test ok"
+    assert row.last_seen == 2.0
+    assert row.last_event.startswith("parcel arrived in porch at ")  # the record's last event
+    degraded = {
+        **GOOD_RECORD,
+        "storage": "degraded",
+        "source": {"status": "stalled", "last_frame_age_s": 12.0},
+        "last_reload": {"ok": False, "error": "x", "time": 3.0},
+    }
+    row = from_status_doc("door1", _status_doc(daemon=degraded))
+    assert row.daemon == (
+        "running, self-test ok, last reload FAILED, storage degraded, camera stalled"
+    )
+    error = "/var/lib/doorstep/daemon.json: invalid record: pid: Field required"
+    row = from_status_doc("door1", _status_doc(daemon=None, daemon_error=error))
+    assert (row.daemon, row.last_event, row.detail) == ("invalid record", error, error)
+
+
+def test_parse_daemon_never_raises() -> None:
+    from host.fleet.facts import parse_daemon
+
+    good = parse_daemon(json.dumps(GOOD_RECORD).encode(), "d.json")
+    assert good.error is None and good.bundle_id == OLD and good.self_test_ok
+    for raw in (b"null", b"\xff", b"[" * 60_000, json.dumps({**GOOD_RECORD, "pid": -1}).encode()):
+        facts = parse_daemon(raw, "d.json")
+        assert facts.error is not None and facts.error.startswith("d.json: invalid record: ")
+        assert facts.state == "unknown"

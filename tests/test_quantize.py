@@ -1,8 +1,9 @@
 """``doorstep-host quantize``/``evaluate``/``bench`` on small real Keras detectors built here.
 
-The detectors are host/redbox.py's: a hand-built Keras model that finds red boxes (real int8
-conversion, real calibration), and a *fragile* twin with an outlier activation that naive int8
-quantization wrecks, to prove the quality gate fails when it should and ``--fix`` repairs it.
+The detectors are tests/support/redbox.py's: a hand-built Keras model that finds red boxes (real
+int8 conversion, real calibration), and a *fragile* twin with an outlier activation that naive
+int8 quantization wrecks, to prove the quality gate fails when it should and ``--fix`` repairs
+it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def host(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Calibration scenes, a labeled evaluation set, and the two Keras models."""
-    from host.redbox import synthetic_scene
+    from support.redbox import synthetic_scene
 
     root = tmp_path_factory.mktemp("quantize")
     rng = np.random.default_rng(1)
@@ -62,8 +63,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "labels.txt").write_text("parcel\n")
     for name, extra in (("redbox.keras", []), ("fragile.keras", ["--fragile"])):
         subprocess.run(
-            [sys.executable, "-m", "host.redbox", str(root / name), *extra],
+            [sys.executable, "-m", "support.redbox", str(root / name), *extra],
             check=True,
+            cwd=Path(__file__).parent,  # `-m support.redbox` is found from tests/
             env=ENV,
             capture_output=True,
             timeout=300,

@@ -10,8 +10,8 @@ Facts in, steps out, run by a connector (as pyinfra does):
 - ``executor``: runs one device's steps, with the health gate and rollback.
 - ``deploy``: the whole rollout (and ``rollback``); ``status``: what each device runs.
 - ``progress``: the live per-device view and the tables; ``commands``: the CLI commands.
-- ``loopback``, ``doorbell``, ``bench``: real sshd + daemon doorbells on this machine, for the
-  tests and ``doorstep-host bench-deploy``.
+The loopback fleet the tests and the deploy benchmark run on (real sshd + daemon doorbells on
+this machine) is test support, not shipped: ``tests/support/``.
 
 Nothing is re-exported here, so the pure parts import without asyncssh.
 """

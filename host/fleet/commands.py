@@ -1,4 +1,4 @@
-"""The fleet commands of ``doorstep-host``: keygen, sign, deploy, rollback, status, bench-deploy.
+"""The fleet commands of ``doorstep-host``: keygen, sign, deploy, rollback, status.
 
 ``host.cli`` adds these parsers (:func:`add_parsers`) and dispatches to :data:`COMMANDS`.
 Exit codes: 0 when every selected device ended as asked; 1 when some did not (the table says
@@ -127,19 +127,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--username")
     p.add_argument("--password-file", metavar="FILE")
     p.add_argument("--ca-file", metavar="FILE")
-
-    p = sub.add_parser(
-        "bench-deploy",
-        formatter_class=formatter,
-        help="time a deploy to 1 and to N loopback devices (real sshd + daemons)",
-        description="Start N sshd daemons on loopback, each with its own doorstep daemon, and "
-        "time a real deploy of the shipped bundle to one device and to all N. Prints a table; "
-        "nothing passes or fails. Needs sshd (openssh-server) installed.",
-        epilog="examples:\n  doorstep-host bench-deploy\n  doorstep-host bench-deploy --devices 20 --json bench.json",
-    )
-    p.add_argument("--devices", type=int, default=10, metavar="N", help="fleet size (default 10)")
-    p.add_argument("--repeat", type=int, default=3, metavar="R", help="runs per size (default 3)")
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
 
 # ------------------------------------------------------------------------------------ keys
@@ -288,23 +275,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.reachable for r in rows) else 1
 
 
-def cmd_bench_deploy(args: argparse.Namespace) -> int:
-    from host.fleet.bench import bench_deploy, format_table
-
-    if args.devices < 2 or args.repeat < 1:
-        raise ConfigError("--devices must be at least 2 and --repeat at least 1")
-    figures = bench_deploy(args.devices, args.repeat)
-    print(format_table(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
-
-
 COMMANDS = {
     "keygen": cmd_keygen,
     "sign": cmd_sign,
     "deploy": cmd_deploy,
     "rollback": cmd_rollback,
     "status": cmd_status,
-    "bench-deploy": cmd_bench_deploy,
 }

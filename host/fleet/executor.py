@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from device.errors import DoorstepError
 from host.fleet.facts import Verdict, health_verdict
 from host.fleet.inventory import RolloutPolicy
 from host.fleet.plan import (
@@ -214,10 +215,10 @@ class DeviceRun:
             if (await self.remote.facts()).active_sha != sha:
                 return  # refused before the switch: nothing to undo
             await self.remote.rollback("none")
-        except DeviceError as again:
+        except DoorstepError as again:  # a DeviceError, or an answer that does not validate
+            why = again.reason if isinstance(again, DeviceError) else str(again)
             raise StepFailedError(
-                f"{exc.reason}; `current` was switched and could not be switched back: "
-                f"{again.reason}"
+                f"{exc.reason}; `current` was switched and could not be switched back: {why}"
             ) from None
         raise StepFailedError(
             f"{exc.reason}; the switch was undone (the daemon kept serving the old model)"

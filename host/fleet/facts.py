@@ -1,26 +1,24 @@
 """Facts about a device, read from ``doorstep-device status --json``, and the health verdict.
 
-Pure: these functions turn the JSON a device printed into :class:`DeviceFacts` and decide, from
-two snapshots of it, whether a newly activated bundle is healthy. The SSH side that runs the
-command lives in ``host.fleet.remote``.
+Pure: these functions turn what a device answered into :class:`DeviceFacts` and decide, from
+two snapshots of its daemon's record, whether a newly activated bundle is healthy. The SSH side
+that runs the command lives in ``host.fleet.remote``.
 
-The status document (the device side's contract)::
-
-    {"doorstep_version", "state_dir",
-     "active": {"id", "name", "version", "model_sha256"} | null, "previous": ... | null,
-     "stored": [ids oldest first], "partials": {id: bytes}, "free_bytes",
-     "daemon": {"state": "running"|"stopped"|"unknown", "pid", "systemd", "model_sha256",
-                "bundle_id", "self_test": {"ok", "ms", "time", "error"}, "started", "updated",
-                "last_reload": {"ok", "error", "time"}?} | null}
+The device's answers are parsed with the device's own models (:mod:`device.record`):
+:class:`~device.record.StoreStatus` for ``status --json``, which embeds the daemon's
+:class:`~device.record.DaemonRecord` (``<state_dir>/daemon.json``) as ``daemon``. A device is
+not trusted: a document that does not validate (wrong types, deep nesting, garbage) is that
+device's error, never an exception that stops the other devices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from device.errors import DoorstepError
+from device.record import DaemonRecord, RecordError, StoreStatus, parse_record
+from device.record import parse_status as parse_status_doc
 from host.fleet.plan import DaemonFacts, DeviceFacts
 
 
@@ -28,64 +26,67 @@ class StatusFormatError(DoorstepError):
     """The device printed something that is not the status document this host understands."""
 
 
-def parse_status(doc: Mapping[str, Any], where: str = "device") -> DeviceFacts:
-    """``status --json`` output -> :class:`DeviceFacts`; raise :class:`StatusFormatError`."""
+def parse_status(doc: object, where: str = "device") -> DeviceFacts:
+    """``status --json`` output (text or parsed JSON) -> :class:`DeviceFacts`; raise
+    :class:`StatusFormatError` naming ``where`` for a document that does not validate."""
     try:
-        active = doc.get("active") or None
-        previous = doc.get("previous") or None
-        partials = {str(k): int(v) for k, v in (doc.get("partials") or {}).items()}
-        return DeviceFacts(
-            reachable=True,
-            active_sha=str(active["id"]) if active else None,
-            active_label=_label(active),
-            previous_sha=str(previous["id"]) if previous else None,
-            free_bytes=_int(doc.get("free_bytes")),
-            doorstep_version=str(doc["doorstep_version"]),
-            stored=tuple(str(s) for s in doc.get("stored") or ()),
-            partials=partials,
-            daemon=parse_daemon(doc.get("daemon")),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        status = parse_status_doc(doc, where)
+    except RecordError as exc:
         raise StatusFormatError(
             f"{where}: `doorstep-device status --json` printed an unexpected document "
-            f"({type(exc).__name__}: {exc}): is doorstep on the device the same version as here?"
+            f"({str(exc).removeprefix(f'{where}: ')}): is doorstep on the device the same "
+            "version as here?"
         ) from None
+    return facts_from_status(status)
 
 
-def parse_daemon(raw: Any) -> DaemonFacts | None:
-    if not raw:
-        return None
-    test = raw.get("self_test") or {}
-    reload = raw.get("last_reload") or {}
-    state = raw.get("state", "unknown")
-    return DaemonFacts(
-        state=state if state in ("running", "stopped") else "unknown",
-        pid=_int(raw.get("pid")),
-        systemd=bool(raw.get("systemd")),
-        bundle_id=raw.get("bundle_id"),
-        model_sha256=raw.get("model_sha256"),
-        self_test_ok=test.get("ok") if test else None,
-        self_test_error=test.get("error") if test else None,
-        updated=_float(raw.get("updated")),
-        last_reload_ok=reload.get("ok") if reload else None,
-        last_reload_error=reload.get("error") if reload else None,
-        last_reload_time=_float(reload.get("time")) if reload else None,
+def facts_from_status(status: StoreStatus) -> DeviceFacts:
+    """The planner's facts from a validated status document; a record the device itself found
+    invalid (``daemon_error``) becomes daemon facts with ``error`` set."""
+    active, previous = status.active, status.previous
+    daemon: DaemonFacts | None = None
+    if status.daemon is not None:
+        daemon = daemon_facts(status.daemon)
+    elif status.daemon_error:
+        daemon = DaemonFacts(error=status.daemon_error)
+    return DeviceFacts(
+        reachable=True,
+        active_sha=active.id if active else None,
+        active_label=f"{active.name} {active.version}" if active and active.name else None,
+        previous_sha=previous.id if previous else None,
+        free_bytes=status.free_bytes,
+        doorstep_version=status.doorstep_version,
+        stored=tuple(status.stored),
+        partials=dict(status.partials),
+        daemon=daemon,
     )
 
 
-def _label(ref: Mapping[str, Any] | None) -> str | None:
-    if not ref:
-        return None
-    name, version = ref.get("name"), ref.get("version")
-    return f"{name} {version}" if name else None
+def parse_daemon(raw: object, where: str = "daemon.json") -> DaemonFacts:
+    """A daemon record (``daemon.json`` bytes or parsed JSON) -> :class:`DaemonFacts`; a record
+    that does not validate gives facts with ``error`` set (state "unknown"), never an error."""
+    try:
+        return daemon_facts(parse_record(raw, where))
+    except RecordError as exc:
+        return DaemonFacts(error=str(exc))
 
 
-def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def daemon_facts(record: DaemonRecord) -> DaemonFacts:
+    """The parts of a validated record the planner and the health gate decide on."""
+    test, reload = record.self_test, record.last_reload
+    return DaemonFacts(
+        state=record.state,
+        pid=record.pid,
+        systemd=record.systemd,
+        bundle_id=record.bundle_id,
+        model_sha256=record.model_sha256,
+        self_test_ok=test.ok,
+        self_test_error=test.error,
+        updated=record.updated,
+        last_reload_ok=reload.ok if reload else None,
+        last_reload_error=reload.error if reload else None,
+        last_reload_time=reload.time if reload else None,
+    )
 
 
 # ------------------------------------------------------------------------------------ health
@@ -117,6 +118,8 @@ def health_verdict(
     daemon = now
     if daemon is None:
         return Verdict("wait", "the daemon has not reported (no daemon.json)")
+    if daemon.error:  # the daemon rewrites its record after the reload: wait for that one
+        return Verdict("wait", daemon.error)
     since = _last_written(before)
     if (
         daemon.last_reload_ok is False

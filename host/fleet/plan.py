@@ -31,6 +31,7 @@ from device.errors import BundleError
 from host.fleet.inventory import DEFAULT_STATE_DIR, Device, RolloutPolicy
 from host.fleet.steps import (
     Activate,
+    BadDaemonRecord,
     DaemonDown,
     HealthCheck,
     Install,
@@ -50,6 +51,7 @@ from host.fleet.steps import (
 
 __all__ = [
     "Activate",
+    "BadDaemonRecord",
     "BundleInfo",
     "DaemonDown",
     "DaemonFacts",
@@ -174,6 +176,8 @@ class DaemonFacts:
     last_reload_ok: bool | None = None
     last_reload_error: str | None = None
     last_reload_time: float | None = None
+    error: str | None = None
+    """set when the record exists but is invalid (``daemon.json: invalid record: ...``)"""
 
     def serves(self, sha: str, model_sha256: str = "") -> bool:
         """True when it serves bundle ``sha`` (by model sha when it does not report bundle ids)."""
@@ -219,8 +223,9 @@ def plan_device(
     run was cut off before its health check, so reload and check. A bundle already in the store
     is activated without uploading; an interrupted upload resumes where it stopped. Space needed
     is the rest of the upload plus room to unpack it (about 2 x the tar). A device whose daemon
-    is not running is refused: nothing could confirm the new model works. Pruning comes last,
-    after the health check: ``keep_models`` in all, never the new current or the previous.
+    is not running, or whose record is invalid, is refused: nothing could confirm the new model
+    works. Pruning comes last, after the health check: ``keep_models`` in all, never the new
+    current or the previous.
     ``device`` supplies the state directory and the reload method (defaults if None).
     """
     device = device or Device(name="device", host="localhost", device_id="device")
@@ -230,6 +235,8 @@ def plan_device(
     if facts.doorstep_version is None:
         return [NotInstalled(" ".join(device.doorstep_argv()), facts.error)]
     daemon = facts.daemon
+    if daemon is not None and daemon.error:
+        return [BadDaemonRecord(daemon.error)]
     if daemon is None or daemon.state != "running":
         return [DaemonDown(daemon.state if daemon is not None else "no daemon.json")]
     health = HealthCheck(bundle.sha, policy.health_deadline, rollback_to=facts.active_sha)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from device.install import RECORD_MAX_BYTES
+from device.record import STATUS_MAX_BYTES
 from host.fleet.facts import parse_daemon, parse_status
 from host.fleet.inventory import Device, ReloadMethod
 from host.fleet.plan import DaemonFacts, DeviceFacts, Layout
-from host.fleet.ssh import CommandError, Connection, DeviceError
+from host.fleet.ssh import CommandError, Connection, DeviceError, TransferError
 
 DeviceReload = ReloadMethod | Literal["none"]
 """``--reload`` of activate and rollback: ``none`` switches links only"""
@@ -54,8 +57,8 @@ class RemoteDoorstep:
         if doc is None:
             raise DeviceError(
                 self.name,
-                f"`doorstep-device {command} --json` printed no JSON object: "
-                f"{result.stdout.strip()[:200]!r}",
+                f"`doorstep-device {command} --json` printed no JSON object (or one too large "
+                f"or nested too deeply): {result.stdout.strip()[:200]!r}",
             )
         return doc
 
@@ -110,26 +113,23 @@ class RemoteDoorstep:
 
         ``<state_dir>/daemon.json`` (the record ``status`` reports as ``daemon``) read over
         SFTP, its pid checked in ``/proc``: no Python starts on the device, which matters on a
-        small Pi that is busy loading the new model while it is polled. ``status`` decides
-        "running" the same way (the record's pid is alive).
+        small Pi that is busy loading the new model while it is polled. "running": the record's
+        pid is alive (``status`` on the device checks its command line too). A record that is
+        not a regular file, too large or invalid gives facts whose ``error`` says so.
         """
-        raw = await self.conn.read_file(str(Layout(self.device.state_dir).daemon_record))
+        path = str(Layout(self.device.state_dir).daemon_record)
+        try:
+            raw = await self.conn.read_file(path, limit=RECORD_MAX_BYTES, regular_only=True)
+        except TransferError as exc:  # a link, a FIFO, too big: an invalid record, not a crash
+            why = exc.reason.removeprefix(f"{path}: ")
+            return DaemonFacts(error=f"{path}: invalid record: {why}")
         if raw is None:
             return None
-        try:
-            record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None  # caught between two writes: the next poll reads the whole record
-        if not isinstance(record, dict):
-            return None
-        pid = record.get("pid")
-        alive = (
-            isinstance(pid, int)
-            and record.get("state") != "stopped"
-            and await self.conn.exists(f"/proc/{pid}")
-        )
-        record["state"] = "running" if alive else "stopped"
-        return parse_daemon(record)
+        facts = parse_daemon(raw, path)  # the daemon writes atomically: never a torn record
+        if facts.error or facts.pid is None:
+            return facts
+        alive = facts.state != "stopped" and await self.conn.exists(f"/proc/{facts.pid}")
+        return replace(facts, state="running" if alive else "stopped")
 
     # -------------------------------------------------------------------------- files
 
@@ -146,12 +146,15 @@ class RemoteDoorstep:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
-    """The JSON object a command printed (the whole output, else its last line)."""
+    """The JSON object a command printed (the whole output, else its last line); None for
+    anything else, including output past :data:`STATUS_MAX_BYTES` or nested too deeply."""
     text = text.strip()
+    if len(text) > STATUS_MAX_BYTES:
+        return None
     for candidate in (text, text.splitlines()[-1] if text else ""):
         try:
             doc = json.loads(candidate)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(doc, dict):
             return doc

@@ -19,6 +19,7 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+import stat
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,11 +259,28 @@ class Connection:
             )
         return digest
 
-    async def read_file(self, remote_path: str, limit: int = 1 << 20) -> bytes | None:
+    async def read_file(
+        self, remote_path: str, limit: int = 1 << 20, *, regular_only: bool = False
+    ) -> bytes | None:
         """The bytes of a small file on the device over SFTP (no process started there), or
-        None when it does not exist. Reads at most ``limit`` bytes."""
+        None when it does not exist. Reads at most ``limit`` bytes.
+
+        With ``regular_only`` (for a file in a directory others may write to), a symbolic link,
+        a FIFO (whose open would block the SFTP server), a device or a file larger than
+        ``limit`` is refused with :class:`TransferError` before it is opened.
+        """
         try:
             sftp = await self._sftp_client()
+            if regular_only:
+                attrs = await sftp.lstat(remote_path)
+                mode = attrs.permissions or 0
+                if not stat.S_ISREG(mode):
+                    kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                    raise TransferError(self.name, f"{remote_path}: {kind}: refused")
+                if (attrs.size or 0) > limit:
+                    raise TransferError(
+                        self.name, f"{remote_path}: {attrs.size} bytes, more than {limit}: refused"
+                    )
             async with sftp.open(remote_path, "rb") as fh:
                 data: object = await fh.read(limit)
         except asyncssh.SFTPNoSuchFile:

@@ -18,6 +18,7 @@ from typing import Any
 
 from device.alerts.mqtt import BrokerSettings
 from device.errors import DoorstepError
+from device.record import LastEvent, RecordError, parse_status
 from host.fleet.inventory import Device
 from host.fleet.progress import table
 from host.fleet.remote import RemoteDoorstep
@@ -81,43 +82,55 @@ async def status_over_ssh(devices: Sequence[Device], limit: int = 10) -> list[De
     return list(await asyncio.gather(*(one(d) for d in devices)))
 
 
-def from_status_doc(name: str, doc: Mapping[str, Any]) -> DeviceStatus:
-    """A row from ``doorstep-device status --json``."""
-    active = doc.get("active") or None
-    daemon = doc.get("daemon") or None
+def from_status_doc(name: str, doc: object) -> DeviceStatus:
+    """A row from ``doorstep-device status --json`` (parsed with the device's own model; a
+    document that does not validate is that device's row, saying why)."""
+    try:
+        status = parse_status(doc, name)
+    except RecordError as exc:
+        return DeviceStatus(
+            name, True, str(exc), daemon="invalid status", last_event=_why(str(exc), name)
+        )
+    active, record = status.active, status.daemon
     model = (
-        f"{active.get('name')} {active.get('version')} ({str(active.get('id'))[:12]})"
-        if active
-        else "shipped default"
+        f"{active.name} {active.version} ({active.id[:12]})" if active else "shipped default"
     )
     state = "-"
-    seen = None
-    if daemon:
-        state = str(daemon.get("state", "unknown"))
-        test = daemon.get("self_test") or {}
-        if test:
-            state += ", self-test " + ("ok" if test.get("ok") else "FAILED")
-        reload = daemon.get("last_reload") or {}
-        if reload and reload.get("ok") is False:
+    if record is not None:
+        state = record.state + ", self-test " + ("ok" if record.self_test.ok else "FAILED")
+        if record.last_reload is not None and not record.last_reload.ok:
             state += ", last reload FAILED"
-        seen = daemon.get("updated")
+        if record.storage != "ok":
+            state += f", storage {record.storage}"
+        if record.source is not None and record.source.status != "ok":
+            state += f", camera {record.source.status}"
+    elif status.daemon_error:
+        state = "invalid record"
     return DeviceStatus(
         name,
         True,
+        detail=status.daemon_error or "",
         model=model,
-        bundle_id=active.get("id") if active else None,
+        bundle_id=active.id if active else None,
         daemon=state,
-        last_seen=seen if isinstance(seen, int | float) else None,
-        last_event=_event_text(doc.get("last_event")),
+        last_seen=record.updated if record is not None else None,
+        last_event=(
+            _event_text(record.last_event)
+            if record is not None
+            else _why(status.daemon_error, name) if status.daemon_error else "-"
+        ),
     )
 
 
-def _event_text(event: Any) -> str:
-    if not isinstance(event, Mapping) or "event" not in event:
+def _why(error: str, name: str) -> str:
+    return error.removeprefix(f"{name}: ")
+
+
+def _event_text(event: LastEvent | None) -> str:
+    if event is None:
         return "-"
-    when = event.get("wall_time")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
-    return f"parcel {event['event']} in {event.get('zone', '?')} at {stamp}"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.wall_time))
+    return f"parcel {event.event} in {event.zone} at {stamp}"
 
 
 # ------------------------------------------------------------------------------------ MQTT

@@ -65,6 +65,18 @@ class DaemonDown(Refusal):
 
 
 @dataclass(frozen=True)
+class BadDaemonRecord(Refusal):
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"the doorstep daemon's record cannot be read ({self.reason}), so a new model could "
+            "not be health-checked: restart the daemon (systemctl restart doorstep-device; it "
+            "rewrites the record) and deploy again"
+        )
+
+
+@dataclass(frozen=True)
 class InsufficientSpace(Refusal):
     needed: int
     free: int

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from host.fleet.loopback import ROOT, SshDevice
+from support.loopback import ROOT, SshDevice
 
 START_TIMEOUT_S = 60.0
 

@@ -1,4 +1,9 @@
-"""``doorstep-host bench-deploy``: how a deploy's time grows with the fleet.
+"""The deploy benchmark: how a deploy's time grows with the fleet (``scripts/run bench``).
+
+Test support, not shipped: it needs the loopback fleet of ``support.loopback`` and
+``support.doorbell``. Run from the checkout::
+
+    PYTHONPATH=tests .venv/bin/python -m support.bench_deploy [--devices N] [--repeat R]
 
 Starts N loopback doorbells (real sshd, real ``doorstep-device run`` daemons, as the fleet
 tests do), then times the whole ``deploy``: facts, upload of the shipped bundle's tar, verify,
@@ -30,8 +35,8 @@ from host.fleet.plan import BundleInfo
 from host.fleet.progress import QuietView, table
 
 if TYPE_CHECKING:
-    from host.fleet.doorbell import DoorbellDaemon
-    from host.fleet.loopback import SshFleet
+    from support.doorbell import DoorbellDaemon
+    from support.loopback import SshFleet
 
 
 def _bundles(root: Path, key: Path, count: int) -> list[BundleInfo]:
@@ -72,8 +77,8 @@ def bench_deploy(count: int = 10, repeat: int = 3) -> dict[str, Any]:
     """Time deploys to 1 and to ``count`` loopback devices; ``repeat`` runs of each."""
     from device.bundle.signing import generate_keypair
     from host.fleet.deploy import deploy
-    from host.fleet.doorbell import start_daemons, write_still_image
-    from host.fleet.loopback import start_fleet
+    from support.doorbell import start_daemons, write_still_image
+    from support.loopback import start_fleet
 
     shapes: list[tuple[str, int, RolloutPolicy]] = [
         ("1", 1, RolloutPolicy(canary=0, batch="100%")),
@@ -217,3 +222,34 @@ def format_table(figures: dict[str, Any]) -> str:
         f"{estimate:.2f} s ({estimate / one['median_s']:.2f}x)"
     )
     return f"{head}\n\n{body}\n\n{notes}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m support.bench_deploy",
+        description="Start N sshd daemons on loopback, each with its own doorstep daemon, and "
+        "time a real deploy of the shipped bundle to one device and to all N. Prints a table; "
+        "nothing passes or fails. Needs sshd (openssh-server) installed.",
+        epilog="examples (from the checkout):\n"
+        "  PYTHONPATH=tests .venv/bin/python -m support.bench_deploy\n"
+        "  PYTHONPATH=tests .venv/bin/python -m support.bench_deploy --devices 20 --json b.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--devices", type=int, default=10, metavar="N", help="fleet size (10)")
+    parser.add_argument("--repeat", type=int, default=3, metavar="R", help="runs per size (3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.devices < 2 or args.repeat < 1:
+        parser.error("--devices must be at least 2 and --repeat at least 1")
+    figures = bench_deploy(args.devices, args.repeat)
+    print(format_table(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

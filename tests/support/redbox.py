@@ -12,9 +12,9 @@ not trained:
 * the box's score is the mask's maximum.
 
 Output: ``[1, 1, 6]`` = x1, y1, x2, y2 (0..1), score, class 0, the end-to-end YOLO layout.
-Every op has an int8 kernel. Run as ``python -m host.redbox OUT.tflite`` (TensorFlow is
-loaded in that child process only: it must not share a process with tflite-runtime), or
-``python -m host.redbox OUT.keras [--fragile]`` for the float Keras model; the fragile variant
+Every op has an int8 kernel. Run as ``python -m support.redbox OUT.tflite`` from ``tests/``
+(TensorFlow is loaded in that child process only: it must not share a process with
+tflite-runtime), or ``python -m support.redbox OUT.keras [--fragile]`` for the float Keras model; the fragile variant
 carries an outlier activation that wrecks naive int8 quantization (the quality gate's test).
 """
 
