@@ -76,6 +76,7 @@ def test_detect_without_model_and_a_config_without_path_use_it(
     assert det.bundle.source == DEFAULT_BUNDLE
 
 
+@pytest.mark.timeout(300)  # renders and detects the whole demo (15 s on a quiet machine)
 def test_rendered_demo_parcel_is_found_only_while_it_is_there() -> None:
     from host.render import render_demo
 
