@@ -19,10 +19,9 @@ from typing import Any
 from device.alerts.mqtt import BrokerSettings
 from device.errors import DoorstepError
 from device.record import LastEvent, RecordError, parse_status
+from host.fleet.errors import DeviceError
 from host.fleet.inventory import Device
 from host.fleet.progress import table
-from host.fleet.remote import RemoteDoorstep
-from host.fleet.ssh import DeviceError, connect
 
 
 @dataclass
@@ -66,6 +65,9 @@ def render(statuses: Sequence[DeviceStatus], source: str) -> str:
 
 
 async def status_over_ssh(devices: Sequence[Device], limit: int = 10) -> list[DeviceStatus]:
+    from host.fleet.remote import RemoteDoorstep  # asyncssh: the rows above import without it
+    from host.fleet.ssh import connect
+
     gate = asyncio.Semaphore(limit)
 
     async def one(device: Device) -> DeviceStatus:
