@@ -29,6 +29,8 @@ pytestmark = [
     pytest.mark.skipif(
         not HAS_TF, reason="quantization needs TensorFlow (host side; main environment)"
     ),
+    # TensorFlow in child processes; the first test to run also builds the module's models.
+    pytest.mark.timeout(300),
 ]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -149,6 +151,7 @@ def test_gate_fails_on_a_model_built_to_break(work: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.timeout(900)  # quantizes again per candidate layer: 90 s on a quiet machine
 def test_fix_keeps_only_the_culprit_layers_in_float(work: Path) -> None:
     out = work / "fragile-fixed"
     proc = quantize_gated(work, "fragile.keras", out, "--fix")
