@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import pytest
+from childproc import finish
 
 from device.bench import synthetic_frame
 from device.bundle.build import describe_model
@@ -212,7 +213,7 @@ def test_a_running_daemon_switches_models_and_keeps_serving_through_a_bad_one(
         assert st["active"]["id"] == ids[1] and st["daemon"]["state"] == "running"
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc)
     assert proc.returncode == 0, err
     final = read_daemon_record(store)
     assert final is not None and final.state == "stopped"
