@@ -22,7 +22,6 @@ cleanly; SIGHUP reloads config and model, keeping the running one if the new one
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -30,43 +29,32 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from device import __version__
-from device.alerts.outbox import Event as Stored
+from device.alerts.announce import Announcer
 from device.alerts.outbox import Outbox
-from device.alerts.payloads import (
-    DroppedEvents,
-    EventPayload,
-    ModelInfo,
-    SelfTest,
-    SourceStatus,
-    StatePayload,
-    StorageStatus,
-    TelemetryPayload,
-)
+from device.alerts.payloads import EventPayload, ModelInfo, SelfTest, StatePayload, TelemetryPayload
 from device.camera.base import Frame, SourceError
 from device.camera.factory import open_source
+from device.conditions import Conditions
 from device.config import DeviceConfig
 from device.detect.checked import open_detector
 from device.detect.detector import Detector
 from device.errors import ConfigError, DoorstepError
 from device.health import Health
-from device.install import Store, write_daemon_record
+from device.install import RecordWriteError, Store, write_daemon_record
 from device.logsink import LogSink, default_log_file
 from device.motion import MotionGate
+from device.persist import TrackerStore
 from device.pipeline import Pipeline, model_sha, roles_of
 from device.presence import Event, PresenceTracker
+from device.record import DaemonRecord
 from device.sdnotify import Notifier
-from device.storage import Episode, check_writable
+from device.storage import check_writable
 from device.telemetry import StageWindow, Telemetry
 
-if TYPE_CHECKING:  # paho is imported only when a broker is configured
-    from device.alerts.mqtt import Publisher
-
 STALL_EXIT_FACTOR = 3  # a live source silent for this many stall_s ends the run (exit 1)
-PERSIST_EVERY_S = 5.0  # how often a present parcel's last sighting is stored (no events)
-PRESENCE_KEY = "presence"
 STATE_DIR_FIX = (
     "give the service user this directory (systemd's StateDirectory= does), "
     "or choose another with --state-dir / state_dir"
@@ -92,10 +80,7 @@ class Daemon:
         self.reload_config = reload_config
         self.notify = Notifier()
         state_dir = Path(cfg.state_dir)
-        self.storage = Episode()  # the state directory's own probe and the daemon record
         short = check_writable(state_dir, "state directory", STATE_DIR_FIX)
-        if short is not None:
-            self.storage.enter(short)
         t = cfg.telemetry
         self.log = LogSink(
             t.log_file or default_log_file(state_dir),
@@ -120,22 +105,21 @@ class Daemon:
         q = cfg.mqtt
         db = state_dir / "outbox.sqlite"  # with no broker it holds the tracker's state only
         self.outbox = Outbox.from_config(db, q) if q is not None else Outbox(db)
-        self.events_topic = f"{q.prefix}/{cfg.device_id}/events" if q else ""
+        self.conditions = Conditions(self.outbox, self.log)
+        if short is not None:
+            self.conditions.storage.enter(short)
         self.source = open_source(cfg.source)
         # Cameras run on Unix time, so the tracker's state means the same after a restart;
-        # a replayed file runs on its own clock and starts afresh each time.
-        self.persist = self.source.live
-        self.resumed = self._resume() if self.persist else []
+        # a file replayed as fast as it decodes runs on its own clock and starts afresh.
+        topic = f"{q.prefix}/{cfg.device_id}/events" if q is not None else None
+        self.tracker_store = TrackerStore(self.outbox, tracker, topic, self.source.live)
+        self.resumed = self.tracker_store.resume()
         self.started = round(time.time(), 3)
         self.last_reload: dict[str, Any] | None = None
         self.last_event: dict[str, Any] | None = None
-        self.stall = Episode()
-        self.last_frame: float | None = None  # monotonic time of the last frame
-        self._persisted_at = 0.0
-        self._persisted_doc: str | None = None
         self.health = Health(cfg.telemetry, cfg.power)
         self.telemetry = Telemetry(t.interval_s, StageWindow(t.window), self.health)
-        self.publisher: Publisher | None = None
+        self.announce = Announcer(q, cfg.device_id, self.outbox)
 
     @property
     def det(self) -> Detector:
@@ -145,69 +129,16 @@ class Daemon:
     def sha(self) -> str:
         return model_sha(self.pipeline.detector)
 
-    # -- persistence: the outbox holds the events and the tracker's state together
-    def _resume(self) -> list[str]:
-        raw = self.outbox.get_state(PRESENCE_KEY)
-        if raw is None:
-            return []
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return []
-        return self.pipeline.tracker.restore(doc)
-
-    def _commit(self, events: list[Event]) -> list[dict[str, Any]]:
-        """Store ``events`` (for the broker) and the tracker's state in one transaction; return
-        their payloads. Nothing may announce an event before this returns."""
-        payloads = [
-            EventPayload(
-                **e.to_json(), device_id=self.cfg.device_id, wall_time=round(time.time(), 3)
-            ).model_dump(mode="json")
+    def _payloads(self, events: list[Event]) -> list[dict[str, Any]]:
+        now = round(time.time(), 3)
+        return [
+            EventPayload(**e.to_json(), device_id=self.cfg.device_id, wall_time=now).model_dump(
+                mode="json"
+            )
             for e in events
         ]
-        items = (
-            [Stored(p["id"], self.events_topic, p, p["event"]) for p in payloads]
-            if self.cfg.mqtt is not None
-            else []
-        )
-        state = None
-        if self.persist:
-            doc = json.dumps(self.pipeline.tracker.snapshot(), separators=(",", ":"))
-            if items or doc != self._persisted_doc:
-                state = {PRESENCE_KEY: doc}
-                self._persisted_doc, self._persisted_at = doc, time.monotonic()
-        if items or state:
-            self.outbox.commit(items, state)
-        return payloads
-
-    def _persist_due(self) -> bool:
-        tracker = self.pipeline.tracker
-        return (
-            self.persist
-            and any(tracker.present().values())
-            and time.monotonic() - self._persisted_at >= PERSIST_EVERY_S
-        )
 
     # -- what the device says about itself
-    def _storage_status(self) -> StorageStatus:
-        stats = self.outbox.stats()
-        error = stats.storage_error or self.log.storage.error or self.storage.error
-        return StorageStatus(
-            status="degraded" if error else "ok", error=error, events_in_memory=stats.in_memory
-        )
-
-    def _dropped(self) -> DroppedEvents:
-        s = self.outbox.stats()
-        return DroppedEvents(full=s.dropped_full, expired=s.dropped_expired, memory=s.dropped_memory)
-
-    def _source_status(self) -> SourceStatus:
-        age = None if self.last_frame is None else round(time.monotonic() - self.last_frame, 3)
-        return SourceStatus(
-            status="stalled" if self.stall.active else "ok",
-            last_frame_age_s=age,
-            error=self.stall.error,
-        )
-
     def state(self) -> dict[str, Any]:
         m, tracker = self.det.manifest, self.pipeline.tracker
         return StatePayload(
@@ -220,9 +151,7 @@ class Daemon:
             self_test=SelfTest(**self.test),
             doorstep_version=__version__,
             runtime=self.det.runtime_version,
-            source=self._source_status(),
-            storage=self._storage_status(),
-            events_dropped=self._dropped(),
+            **self.conditions.payload_fields(),
             updated=round(time.time(), 3),
         ).model_dump(mode="json")
 
@@ -233,49 +162,38 @@ class Daemon:
         ident = None
         if self.model_dir is not None and self.model_dir.parent.name == "models":
             ident = self.model_dir.name
-        record = {
-            "pid": os.getpid(),
-            "state": state,
-            "systemd": "NOTIFY_SOCKET" in os.environ,
-            "model_sha256": self.sha,
-            "bundle_id": ident,
-            "model": {"name": m.name, "version": m.version},
-            "self_test": self.test,
-            "last_reload": self.last_reload,
-            "last_event": self.last_event,
-            "started": self.started,
-            "updated": round(time.time(), 3),
-        }
-        error: str | None = None
+        record = DaemonRecord.model_validate(
+            {
+                "pid": os.getpid(),
+                "state": state,
+                "systemd": "NOTIFY_SOCKET" in os.environ,
+                "model_sha256": self.sha,
+                "bundle_id": ident,
+                "model": {"name": m.name, "version": m.version},
+                "self_test": self.test,
+                "last_reload": self.last_reload,
+                "last_event": self.last_event,
+                "started": self.started,
+                "updated": round(time.time(), 3),
+                **self.conditions.record_fields(),
+            }
+        )
+        storage = self.conditions.storage
         try:
             write_daemon_record(self.store, record)
-        except (OSError, DoorstepError) as exc:
-            error = f"{self.store.daemon_file}: {getattr(exc, 'strerror', None) or exc}"
-        if error is None:
-            if self.storage.leave():
-                self.log.emit("storage_ok", "the state directory takes writes again")
-        elif self.storage.enter(error):
-            self.log.emit("storage_degraded", f"storage degraded: {error}", error=error)
+        except RecordWriteError as exc:
+            if storage.enter(str(exc)):
+                self.log.emit("storage_degraded", f"storage degraded: {exc}", error=str(exc))
+            return
+        if storage.leave():
+            self.log.emit("storage_ok", "the state directory takes writes again")
 
     def _publish_state(self) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_state(self.state())
+        self.announce.state(self.state())
 
     def _check_storage(self) -> None:
-        """Log the outbox's storage episodes once each (the outbox retries on its own)."""
-        stats = self.outbox.stats()
-        was = getattr(self, "_outbox_error", None)
-        if stats.storage_error and not was:
-            self.log.emit(
-                "storage_degraded",
-                f"events held in memory: {stats.storage_error}",
-                error=stats.storage_error,
-            )
+        if self.conditions.check_outbox():
             self._publish_state()
-        elif was and not stats.storage_error:
-            self.log.emit("storage_ok", "events are stored on disk again")
-            self._publish_state()
-        self._outbox_error = stats.storage_error
 
     # -- the loop
     def run(self) -> int:
@@ -297,7 +215,7 @@ class Daemon:
         self._record()
         status = 0
         try:
-            self._start_publisher()
+            self.announce.start(self.det.manifest.name, __version__, self.state())
             with self.source:
                 self.notify.ready(f"{m.name} {m.version} on {det.runtime_version}")
                 self._loop()
@@ -313,7 +231,8 @@ class Daemon:
         stall_s = getattr(self.source_cfg, "stall_s", 10.0)
         offset: float | None = None
         last_status = maintain_at = 0.0
-        self.last_frame = time.monotonic()  # the stall clock starts when the source opened
+        cond = self.conditions
+        cond.last_frame = time.monotonic()  # the stall clock starts when the source opened
         while not self.stop.is_set():
             if self.reload.is_set():
                 self.reload.clear()
@@ -333,12 +252,12 @@ class Daemon:
                     break
                 self._stalled(stall_s)
                 continue
-            self.last_frame = time.monotonic()
-            if self.stall.leave():
+            cond.last_frame = time.monotonic()
+            if cond.stall.leave():
                 self.log.emit("source_ok", f"{self.source.describe()}: frames again")
                 self._publish_state()
             if offset is None:
-                offset = time.time() - frame.t if self.persist else 0.0
+                offset = time.time() - frame.t if self.source.live else 0.0
             tel.stage("capture_wait", (t1 - t0) * 1e3)
             counts.frames += 1
             counts.dropped = self.source.dropped
@@ -352,14 +271,14 @@ class Daemon:
             self.notify.watchdog()  # only after a frame was really handled
 
     def _stalled(self, stall_s: float) -> None:
-        assert self.last_frame is not None
-        silent = time.monotonic() - self.last_frame
+        stall, last = self.conditions.stall, self.conditions.last_frame
+        silent = time.monotonic() - (last or 0.0)
         if silent >= STALL_EXIT_FACTOR * stall_s:
             raise SourceError(
                 f"{self.source.describe()}: no frame for {silent:.0f} s: giving up so that "
                 "the service is restarted"
             )
-        if silent >= stall_s and self.stall.enter(f"no frame for {stall_s:g} s"):
+        if silent >= stall_s and stall.enter(f"no frame for {stall_s:g} s"):
             self.notify.status(f"source stalled: {self.source.describe()}, no frame for {silent:.0f} s")
             self.log.emit(
                 "source_stalled",
@@ -381,8 +300,9 @@ class Daemon:
         tel.total.inferences += 1
         self.health.inference()
         t_p1 = time.perf_counter()
-        if result.events or self._persist_due():
-            payloads = self._commit(result.events)
+        if result.events or self.tracker_store.due():
+            payloads = self._payloads(result.events)
+            self.tracker_store.commit(payloads)  # before anything announces them
             for event, payload in zip(result.events, payloads, strict=True):
                 self._announce(frame, event, payload)
             if result.events:
@@ -400,51 +320,14 @@ class Daemon:
             "event", f"parcel {event.kind} in {event.zone} at t={event.time:.1f}s{theft}", **payload
         )
         self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
-        if self.publisher is None:
-            return
-        self.publisher.kick()
-        q = self.cfg.mqtt
-        if q is None or not q.snapshot:
-            return
-        if event.kind == "removed" and not any(self.pipeline.tracker.present().values()):
-            self.publisher.publish_snapshot(None)
-        elif event.kind == "arrived":
-            from device.draw import parcel_snapshot
-
-            jpeg = parcel_snapshot(frame.image, self.pipeline.tracker.boxes(), q.snapshot_quality)
-            if jpeg is not None:
-                self.publisher.publish_snapshot(jpeg)
-
-    def _start_publisher(self) -> None:
-        q = self.cfg.mqtt
-        if q is None:
-            return
-        from device.alerts.homeassistant import discovery_configs
-        from device.alerts.mqtt import Publisher
-
-        self.publisher = Publisher.from_config(q, self.cfg.device_id, self.outbox)
-        if q.home_assistant:
-            self.publisher.set_discovery(
-                discovery_configs(
-                    self.cfg.device_id,
-                    self.publisher.base,
-                    self.det.manifest.name,
-                    __version__,
-                    q.discovery_prefix,
-                )
-            )
-        self._publish_state()
-        self.publisher.start()
+        self.announce.event(event, frame.image, self.pipeline.tracker)
 
     def _shutdown(self) -> None:
         self.notify.stopping()
         counts = self.telemetry.total
-        drained = True
-        if self.publisher is not None and self.cfg.mqtt is not None:
-            drained = self.publisher.drain(timeout=self.cfg.mqtt.drain_timeout_s)
+        drained = self.announce.drain()
         report = self._report()
-        if self.publisher is not None:
-            self.publisher.stop()
+        self.announce.stop()
         self.log.emit(
             "stop",
             f"stopped after {counts.frames} frames, {counts.inferences} inferences"
@@ -468,9 +351,7 @@ class Daemon:
         payload = TelemetryPayload(
             device_id=self.cfg.device_id,
             outbox=len(self.outbox) if self.cfg.mqtt is not None else 0,
-            source=self._source_status(),
-            storage=self._storage_status(),
-            events_dropped=self._dropped(),
+            **self.conditions.payload_fields(),
             **fields,
         ).model_dump(mode="json")
         pipe = payload["stages_ms"].get("pipeline", {})
@@ -482,8 +363,7 @@ class Daemon:
             f"cpu {payload['cpu_percent']:.0f}%, rss {payload['rss_mb']:.0f} MB",
             **payload,
         )
-        if self.publisher is not None:
-            self.publisher.publish_telemetry(payload)
+        self.announce.telemetry(payload)
         return payload
 
     def _reload(self) -> None:

@@ -96,6 +96,9 @@ class OutboxStats(_Doc):
     )
     dropped_full: int = Field(default=0, ge=0, description="dropped: the outbox bound was reached")
     dropped_expired: int = Field(default=0, ge=0, description="dropped: past their expiry")
+    dropped_memory: int = Field(
+        default=0, ge=0, description="dropped: the disk was full and the memory queue too"
+    )
 
 
 class DaemonRecord(_Doc):
