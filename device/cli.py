@@ -532,8 +532,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     import cv2
 
+    from device.camera.factory import open_source
     from device.config import SourceConfig, load_config, source_config
-    from device.daemon import open_source
 
     if args.count < 1:
         raise DoorstepError(f"--count {args.count}: save at least one frame")

@@ -231,7 +231,7 @@ def test_store_commands_need_a_state_dir(tmp_path: Path) -> None:
 def test_a_restart_on_a_bad_deployment_falls_back(tmp_path: Path, testmodels: Path) -> None:
     """The daemon starts on `previous` (then the shipped model) when `current` fails."""
     from device.config import load_config
-    from device.daemon import open_detector
+    from device.detect.checked import open_detector
 
     store = Store(tmp_path / "state")
     good = installed(store, variant(tmp_path, "good"), tmp_path)
@@ -239,10 +239,11 @@ def test_a_restart_on_a_bad_deployment_falls_back(tmp_path: Path, testmodels: Pa
     activate(store, good, [])
     activate(store, bad, [])  # current: the collapsed model; previous: the good one
     cfg = load_config(_daemon_config(tmp_path, store, None))
-    det, path, _ = open_detector(cfg, fallback=True)
+    args = (cfg.model, cfg.signing.public_keys, cfg.state_dir)
+    det, path, _ = open_detector(*args, fallback=True)
     assert path == good and det.manifest.version == "good"
     store.previous.unlink()
-    det, path, _ = open_detector(cfg, fallback=True)
+    det, path, _ = open_detector(*args, fallback=True)
     assert path is None and det.manifest.name == "doorstep-parcel-ssd"  # the shipped model
     with pytest.raises(DoorstepError, match="collapsed"):
-        open_detector(cfg)  # a reload takes `current` only, and its self-test fails
+        open_detector(*args)  # a reload takes `current` only, and its self-test fails
