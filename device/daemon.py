@@ -48,7 +48,7 @@ from device.logsink import LogSink, default_log_file
 from device.motion import MotionGate
 from device.persist import TrackerStore
 from device.pipeline import Pipeline, model_sha, roles_of
-from device.presence import Event, PresenceTracker
+from device.presence import Event, PresenceTracker, describe_time
 from device.record import DaemonRecord
 from device.sdnotify import Notifier
 from device.storage import check_writable
@@ -317,7 +317,9 @@ class Daemon:
         """Log and publish an event already committed to the outbox."""
         theft = " (possible theft)" if event.possible_theft else ""
         self.log.emit(
-            "event", f"parcel {event.kind} in {event.zone} at t={event.time:.1f}s{theft}", **payload
+            "event",
+            f"parcel {event.kind} in {event.zone} {describe_time(event.time)}{theft}",
+            **payload,
         )
         self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
         self.announce.event(event, frame.image, self.pipeline.tracker)

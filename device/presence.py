@@ -313,6 +313,16 @@ class PresenceTracker:
         )
 
 
+def describe_time(t: float) -> str:
+    """An event's time for people: the clock time for cameras (Unix time), else the offset
+    into the replayed file or folder."""
+    if t >= 1e9:  # Unix time: after 2001
+        import time
+
+        return "at " + time.strftime("%H:%M:%S", time.localtime(t))
+    return f"at t={t:.1f}s"
+
+
 def _box(value: Any) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = (float(v) for v in value)
     return (x1, y1, x2, y2)

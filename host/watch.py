@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.alerts.mqtt import BrokerSettings
+from device.presence import describe_time
 
 
 @dataclass
@@ -36,7 +37,8 @@ def describe(msg: Message) -> str | None:
         lag = msg.received - p.get("wall_time", msg.received)
         return (
             f"{when}  {msg.device:<16} parcel {p['event']:<8} zone {p['zone']}, "
-            f"count {p['count']}, t={p['time']:.1f}s (delivered in {lag * 1e3:.0f} ms){theft}"
+            f"count {p['count']}, {describe_time(p['time'])} (delivered in {lag * 1e3:.0f} ms)"
+            f"{theft}"
         )
     if msg.kind == "availability":
         return f"{when}  {msg.device:<16} {p}"
