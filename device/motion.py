@@ -43,15 +43,13 @@ class MotionGate:
                 image, (self.width * 2, self.height * 2), interpolation=cv2.INTER_NEAREST
             )
             h, w = image.shape[:2]
-        # Whole blocks of pixels per output pixel: OpenCV's area average then takes its fast
-        # integer-factor path (a third of the time of a fractional one); the few rows and
-        # columns past the last whole block are left out.
+        # Grey first (one byte a pixel for the averaging), then whole blocks of pixels per
+        # output pixel, so OpenCV's area average takes its fast integer-factor path; the few
+        # rows and columns past the last whole block are left out.
         fx, fy = max(1, round(w / self.width)), max(1, round(h / self.height))
         ow, oh = w // fx, h // fy
-        small = cv2.cvtColor(
-            cv2.resize(image[: oh * fy, : ow * fx], (ow, oh), interpolation=cv2.INTER_AREA),
-            cv2.COLOR_BGR2GRAY,
-        )
+        grey = cv2.cvtColor(image[: oh * fy, : ow * fx], cv2.COLOR_BGR2GRAY)
+        small = cv2.resize(grey, (ow, oh), interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(small, (3, 3), 0)
         self.frames += 1
         moved = self._last is None or self._last.shape != small.shape or (
