@@ -323,8 +323,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from device.alerts.mqtt import BrokerSettings
-    from host.watch import Message, Watcher, describe
+    from host.watch import Invalid, Message, Watcher, check_prefix, describe
 
+    check_prefix(args.prefix)  # before connecting: `--prefix '#'` is a usage error
     settings = BrokerSettings(
         args.broker,
         args.protocol,
@@ -343,8 +344,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 print(line)
         sys.stdout.flush()
 
+    def bad(invalid: Invalid) -> None:  # once per topic; the payload itself is not shown
+        print(f"doorstep-host: {invalid.describe()}", file=sys.stderr, flush=True)
+
     kinds = ("events", "availability", "state") + (("telemetry",) if args.telemetry else ())
-    watcher = Watcher(settings, args.prefix, show, kinds).start()
+    watcher = Watcher(settings, args.prefix, show, kinds, on_invalid=bad).start()
     print(f"connecting to {args.broker} ...", file=sys.stderr)
     if not watcher.subscribed.wait(10):
         watcher.stop()
@@ -360,6 +364,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         pass
     finally:
         watcher.stop()
+        if watcher.invalid_count:
+            print(f"{watcher.invalid_count} invalid message(s) skipped", file=sys.stderr)
     return 0
 
 

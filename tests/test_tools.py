@@ -24,6 +24,27 @@ def device_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def event(ident: str, device_id: str, **changes: Any) -> dict[str, Any]:
+    """A complete, valid ``events`` payload (watch skips anything else)."""
+    return {
+        "event": "arrived",
+        "id": ident,
+        "seq": 1,
+        "device_id": device_id,
+        "time": 1.0,
+        "wall_time": 0.0,
+        "zone": "doorstep",
+        "count": 1,
+        "boxes": [[1.0, 2.0, 3.0, 4.0]],
+        "scores": [0.9],
+        "model_sha256": "e" * 64,
+        "possible_theft": False,
+        "since": 1.0,
+        "arrival_id": ident,
+        **changes,
+    }
+
+
 def test_capture_saves_frames_of_the_source(traffic_video: Path, tmp_path: Path) -> None:
     out = tmp_path / "calib"
     proc = device_cli("capture", "--source", str(traffic_video), "--count", "5", "--out", str(out))
@@ -91,15 +112,7 @@ def test_watch_prints_events_once_each(mosquitto: Any, tmp_path: Path) -> None:
         pub = Publisher("door7", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "o.sqlite"))
         pub.start()
         assert pub.connected.wait(30)
-        ev = {
-            "event": "arrived",
-            "id": "abc",
-            "seq": 1,
-            "time": 1.0,
-            "zone": "doorstep",
-            "count": 1,
-            "wall_time": 0.0,
-        }
+        ev = event("abc", "door7")
         pub.publish_event(ev)
         pub.outbox.add("abc", f"{pub.base}/events", ev, "arrived")  # a redelivery, same id
         pub.kick()
@@ -143,7 +156,7 @@ def test_embedded_broker_carries_events(kind: str, tmp_path: Path) -> None:
             "door8", BrokerSettings(broker.url, broker.protocol), Outbox(tmp_path / "o.sqlite")
         )
         pub.start()
-        pub.publish_event({"event": "arrived", "id": "e1", "seq": 1, "time": 0.0})
+        pub.publish_event(event("e1", "door8"))
         assert pub.drain(30)
         assert watcher.wait(lambda w: [e["id"] for e in w.events()] == ["e1"], timeout=30)
         pub.stop()

@@ -18,6 +18,7 @@ from typing import Any
 
 from device.cliutil import formatter
 from device.errors import BundleError, ConfigError
+from host.safe_text import printable
 
 FLEET_OPTIONS_HELP = "fleet.yaml or an Ansible YAML inventory"
 
@@ -222,8 +223,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if not args.json:
             signed = f"signed by {bundle.signed_by}" if bundle.signed_by else "UNSIGNED"
             print(
-                f"deploying {bundle.label} (id {bundle.sha[:12]}…, {signed}) to "
-                f"{len(devices)} device(s) from {fleet.source}",
+                printable(
+                    f"deploying {bundle.label} (id {bundle.sha[:12]}…, {signed}) to "
+                    f"{len(devices)} device(s) from {fleet.source}"
+                ),
                 file=sys.stderr,
             )
         view = QuietView() if args.dry_run else make_view(args.json)
@@ -263,7 +266,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             password_file=Path(args.password_file) if args.password_file else None,
             ca_file=Path(args.ca_file) if args.ca_file else None,
         )
-        rows = status_over_mqtt(devices, broker, args.prefix)
+        from host.watch import Invalid, check_prefix
+
+        check_prefix(args.prefix)  # `--prefix '#'` is a usage error, not a silent broker
+
+        def bad(invalid: Invalid) -> None:  # once per topic; the row says so too
+            print(f"doorstep-host: {invalid.describe()}", file=sys.stderr, flush=True)
+
+        rows = status_over_mqtt(devices, broker, args.prefix, on_invalid=bad)
         source = f"retained MQTT state on {args.broker}"
     else:
         rows = asyncio.run(status_over_ssh(devices, fleet.rollout.parallel))

@@ -37,6 +37,7 @@ from host.fleet.plan import (
 from host.fleet.progress import Progress, table
 from host.fleet.remote import RemoteDoorstep
 from host.fleet.ssh import DeviceError, connect
+from host.safe_text import printable
 
 T = TypeVar("T")
 
@@ -157,7 +158,7 @@ class DeployReport:
         )
         if self.stopped:
             tail += f"; {self.stopped}"
-        return f"{text}\n\n{tail}"
+        return printable(f"{text}\n\n{tail}")  # the bundle's label is the bundle's own text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -326,4 +327,4 @@ def rollback_summary(results: Sequence[DeviceResult]) -> str:
     ]
     ok = sum(r.outcome == "rolled back" for r in results)
     text = table(["DEVICE", "RESULT", "ACTIVE", "TIME", "DETAIL"], rows)
-    return f"{text}\n\n{ok} of {len(results)} device(s) rolled back"
+    return printable(f"{text}\n\n{ok} of {len(results)} device(s) rolled back")

@@ -48,6 +48,7 @@ from host.fleet.steps import (
     actionable,
     human_size,
 )
+from host.safe_text import printable
 
 __all__ = [
     "Activate",
@@ -395,4 +396,4 @@ def render_plan(
         f"{counts['change']} to change, {counts['skip']} already on the bundle, "
         f"{counts['refused']} refused{tail}",
     ]
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # names, labels and reasons came from devices and bundles

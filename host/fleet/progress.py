@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
+from host.safe_text import printable
+
 
 class Progress(Protocol):
     """Receives what happens on each device as it happens."""
@@ -68,7 +70,8 @@ class PlainView:
         self._last: dict[str, tuple[str, str]] = {}
 
     def _print(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
+        line = printable(text, newlines=False)  # device names and errors: no escapes
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {line}", file=self.out, flush=True)
 
     def start(self, names: Sequence[str]) -> None:
         pass
@@ -123,7 +126,7 @@ class LiveView:
 
     def note(self, text: str) -> None:
         self._clear()
-        print(text, file=self.out)
+        print(printable(text, newlines=False), file=self.out)
         self._draw(force=True)
 
     def close(self) -> None:
@@ -146,11 +149,13 @@ class LiveView:
             busy = [(n, r) for n, r in shown if r.phase not in FINAL and r.phase != "waiting"]
             shown = busy[: max(lines - 4, 4)]
         self._clear()
-        text = [row.text(name, width, now)[: cols - 1] for name, row in shown]
+        text = [
+            printable(row.text(name, width, now), newlines=False)[: cols - 1] for name, row in shown
+        ]
         counts: dict[str, int] = {}
         for row in self.rows.values():
             counts[row.phase] = counts.get(row.phase, 0) + 1
-        text.append("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        text.append(printable("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))))
         self.out.write("".join(line + "\n" for line in text))
         self.out.flush()
         self._drawn = len(text)
@@ -184,7 +189,10 @@ def make_view(json_mode: bool = False, out: TextIO | None = None) -> Progress:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with left-aligned columns (the last column is not padded)."""
+    """A plain-text table with left-aligned columns (the last column is not padded); control
+    characters in the cells (devices report some of them) are shown as escapes."""
+    header = [printable(c, newlines=False) for c in header]
+    rows = [[printable(c, newlines=False) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device.alerts.mqtt import BrokerSettings
+from device.alerts.payloads import StatePayload
 from device.errors import DoorstepError
 from device.record import LastEvent, RecordError, parse_status
 from host.fleet.errors import DeviceError
 from host.fleet.inventory import Device
 from host.fleet.progress import table
+from host.safe_text import printable
+
+if TYPE_CHECKING:
+    from host.watch import Invalid, Message
 
 
 @dataclass
@@ -58,7 +63,7 @@ def render(statuses: Sequence[DeviceStatus], source: str) -> str:
     rows = [s.row(now) for s in statuses]
     text = table(["DEVICE", "REACHABLE", "MODEL", "DAEMON", "LAST SEEN", "LAST EVENT"], rows)
     up = sum(s.reachable for s in statuses)
-    return f"{text}\n\n{up} of {len(statuses)} device(s) reachable; source: {source}"
+    return printable(f"{text}\n\n{up} of {len(statuses)} device(s) reachable; source: {source}")
 
 
 # ------------------------------------------------------------------------------------ SSH
@@ -94,9 +99,7 @@ def from_status_doc(name: str, doc: object) -> DeviceStatus:
             name, True, str(exc), daemon="invalid status", last_event=_why(str(exc), name)
         )
     active, record = status.active, status.daemon
-    model = (
-        f"{active.name} {active.version} ({active.id[:12]})" if active else "shipped default"
-    )
+    model = f"{active.name} {active.version} ({active.id[:12]})" if active else "shipped default"
     state = "-"
     if record is not None:
         state = record.state + ", self-test " + ("ok" if record.self_test.ok else "FAILED")
@@ -119,7 +122,9 @@ def from_status_doc(name: str, doc: object) -> DeviceStatus:
         last_event=(
             _event_text(record.last_event)
             if record is not None
-            else _why(status.daemon_error, name) if status.daemon_error else "-"
+            else _why(status.daemon_error, name)
+            if status.daemon_error
+            else "-"
         ),
     )
 
@@ -139,56 +144,78 @@ def _event_text(event: LastEvent | None) -> str:
 
 
 def status_over_mqtt(
-    devices: Sequence[Device], broker: BrokerSettings, prefix: str = "doorstep", wait: float = 3.0
+    devices: Sequence[Device],
+    broker: BrokerSettings,
+    prefix: str = "doorstep",
+    wait: float = 3.0,
+    on_invalid: Callable[[Invalid], None] | None = None,
 ) -> list[DeviceStatus]:
-    """Rows from the retained state and availability of each device on ``broker``."""
+    """Rows from the retained state and availability of each device on ``broker``.
+
+    Every message is validated (:mod:`host.watch`); an invalid one is skipped and reported
+    through ``on_invalid`` (once per topic), and a device whose retained state is invalid
+    gets a row saying so.
+    """
     from host.watch import Watcher
 
     ids = {d.device_id: d for d in devices}
-    watcher = Watcher(broker, prefix, None, ("state", "availability")).start()
+    watcher = Watcher(broker, prefix, None, ("state", "availability"), on_invalid=on_invalid)
+    watcher.start()
     try:
         if not watcher.subscribed.wait(10):
             raise DoorstepError(f"no answer from the broker at {broker.url}")
 
         def complete(w: Watcher) -> bool:
             seen = {(m.device, m.kind) for m in w.messages}
+            seen |= {_topic_key(bad.topic) for bad in w.invalid}
             return all((i, k) in seen for i in ids for k in ("state", "availability"))
 
         watcher.wait(complete, timeout=wait)  # retained messages arrive at once
     finally:
         watcher.stop()
-    latest: dict[tuple[str, str], Any] = {}
+    latest: dict[tuple[str, str], Message] = {}
     for m in watcher.messages:
-        latest[(m.device, m.kind)] = m.payload
+        latest[(m.device, m.kind)] = m
+    invalid = {_topic_key(bad.topic): bad.reason for bad in watcher.invalid}
     rows = []
     for device_id, device in ids.items():
         state = latest.get((device_id, "state"))
         online = latest.get((device_id, "availability"))
-        if state is None and online is None:
+        bad_state = invalid.get((device_id, "state"))
+        if state is None and online is None and bad_state is None:
             rows.append(
                 DeviceStatus(device.name, False, "nothing retained on the broker", source="mqtt")
             )
             continue
-        rows.append(_from_state(device.name, state, online))
+        model = state.model if state is not None else None
+        row = _from_state(
+            device.name,
+            model if isinstance(model, StatePayload) else None,
+            online.payload if online is not None else None,
+        )
+        if state is None and bad_state is not None:
+            row.daemon += ", invalid state"
+            row.last_event = f"invalid state on the broker: {bad_state}"
+        rows.append(row)
     return rows
 
 
-def _from_state(name: str, state: Any, online: Any) -> DeviceStatus:
+def _topic_key(topic: str) -> tuple[str, str]:
+    parts = topic.split("/")
+    return (parts[-2], parts[-1]) if len(parts) >= 2 else ("", topic)
+
+
+def _from_state(name: str, state: StatePayload | None, online: str | None) -> DeviceStatus:
     status = DeviceStatus(name, online == "online", f"availability {online}", source="mqtt")
     status.daemon = str(online or "unknown")
-    if isinstance(state, Mapping):
-        model = state.get("model") or {}
-        sha = str(model.get("sha256", ""))
-        status.model = f"{model.get('name')} {model.get('version')} (model {sha[:12]})"
-        test = state.get("self_test") or {}
-        if test:
-            status.daemon += ", self-test " + ("ok" if test.get("ok") else "FAILED")
-        updated = state.get("updated")
-        status.last_seen = updated if isinstance(updated, int | float) else None
-        present = state.get("present")
+    if state is not None:
+        m = state.model
+        status.model = f"{m.name} {m.version} (model {m.sha256[:12]})"
+        status.daemon += ", self-test " + ("ok" if state.self_test.ok else "FAILED")
+        status.last_seen = state.updated
         status.last_event = (
-            "parcel present" + (f" (count {state.get('count')})" if state.get("count") else "")
-            if present
+            "parcel present" + (f" (count {state.count})" if state.count else "")
+            if state.present
             else "no parcel"
         )
     return status

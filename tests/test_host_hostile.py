@@ -1,0 +1,259 @@
+"""The host does not trust what a device or a broker sends it.
+
+Against a real Mosquitto (``doorstep-host watch``, ``status --broker``) and real sshd doorbells
+on loopback (uploads, command output, what ``status`` and ``deploy`` print): garbage is that
+message's or that device's error, reported once; nothing crashes, hangs or reaches the
+operator's terminal as an escape sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from childproc import LineReader, stop
+from paho.mqtt.enums import CallbackAPIVersion
+
+from host.cli import main as host_main
+from host.safe_text import printable
+
+pytestmark = pytest.mark.host  # the device-only environment does not collect it (conftest)
+
+ESC = "\x1b"
+CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home: what a hostile text might send
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args: str | Path) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = host_main([str(a) for a in args])
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def event(ident: str, device_id: str, **changes: Any) -> dict[str, Any]:
+    """A complete, valid ``events`` payload."""
+    return {
+        "event": "arrived",
+        "id": ident,
+        "seq": 1,
+        "device_id": device_id,
+        "time": 1.0,
+        "wall_time": 0.0,
+        "zone": "doorstep",
+        "count": 1,
+        "boxes": [[1.0, 2.0, 3.0, 4.0]],
+        "scores": [0.9],
+        "model_sha256": "e" * 64,
+        "possible_theft": False,
+        "since": 1.0,
+        "arrival_id": ident,
+        **changes,
+    }
+
+
+def state(device_id: str, **changes: Any) -> dict[str, Any]:
+    """A complete, valid retained ``state`` payload."""
+    return {
+        "device_id": device_id,
+        "present": False,
+        "zones": {"doorstep": False},
+        "count": 0,
+        "since": None,
+        "model": {"name": "parcel", "version": "1.0.0", "sha256": "a" * 64},
+        "self_test": {"ok": True, "ms": 10.0, "time": 1.0},
+        "doorstep_version": "0.1",
+        "runtime": "tflite-runtime",
+        "updated": 2.0,
+        **changes,
+    }
+
+
+def deep(levels: int) -> bytes:
+    """A JSON object nested ``levels`` deep, small enough to pass the size cap."""
+    return ('{"a":' + "[" * levels + "]" * levels + "}").encode()
+
+
+@contextlib.contextmanager
+def publisher(url: str) -> Iterator[Any]:
+    """A plain paho client; ``send(topic, payload, retain)`` returns once the broker has it."""
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(host, int(port))
+    client.loop_start()
+
+    def send(topic: str, payload: bytes | str | Any, retain: bool = False) -> None:
+        data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+        info = client.publish(topic, data, qos=1, retain=retain)
+        info.wait_for_publish(timeout=30)
+        assert info.is_published(), topic
+
+    try:
+        yield send
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+GARBAGE: dict[str, bytes | Any] = {
+    # a retained state that is not an object at all
+    "doorstep/door1/state": [1, 2],
+    "doorstep/door2/events": {},  # an event without fields
+    "doorstep/door3/events": event(["a", "list"], "door3"),  # type: ignore[arg-type]
+    "doorstep/door4/events": event("e4", "door4", wall_time="yesterday"),
+    "doorstep/door5/state": deep(30_000),
+    "doorstep/door6/events": b"[" * 100_000 + b"]" * 100_000,  # past the size cap
+    "doorstep/door7/availability": "maybe",
+    "doorstep/door8/events": b"\xff\xfe not utf-8",
+    "doorstep/door9/state": state("door9", present="perhaps", count=-3),
+}
+
+
+def test_watch_skips_garbage_once_each_and_keeps_printing(mosquitto: Any) -> None:
+    with publisher(mosquitto.url) as send:
+        send("doorstep/door1/state", json.dumps([1, 2]), retain=True)  # there before watch is
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "host.cli", "watch", "--broker", mosquitto.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, err = LineReader(watch.stdout, "watch stdout"), LineReader(watch.stderr, "stderr")
+        try:
+            err.until(lambda line: "subscribed" in line, timeout=60)
+            for topic, payload in GARBAGE.items():
+                send(topic, payload)
+                send(topic, payload)  # twice: reported once
+            # A valid event whose zone carries escape sequences: printed, the escapes shown.
+            send("doorstep/door10/events", event("good", "door10", zone=f"front{CLEAR}"))
+            line = out.until(lambda text: "door10" in text, timeout=30)
+            send("doorstep/door11/events", event("good2", "door11"))  # and it keeps going
+            out.until(lambda text: "door11" in text, timeout=30)
+            assert watch.poll() is None
+            watch.send_signal(signal.SIGINT)  # Ctrl-C: it says how many it skipped
+            summary = err.until(lambda text: "invalid message(s) skipped" in text, timeout=30)
+            assert watch.wait(30) == 0
+        finally:
+            stop(watch)
+    assert ESC not in line and "front\\x1b[2J\\x1b[H" in line, line
+    errors = err.text()
+    assert ESC not in errors and ESC not in out.text()
+    reasons = {
+        "door1/state": "Input should be an object",
+        "door2/events": "event: Field required",
+        "door3/events": "id: Input should be a valid string",
+        "door4/events": "wall_time: Input should be a valid number",
+        "door5/state": "recursion limit exceeded",
+        "door6/events": "200000 bytes, more than 65536",
+        "door7/availability": "not 'online' or 'offline'",
+        "door8/events": "Invalid JSON",
+        "door9/state": "present: Input should be a valid boolean",
+    }
+    for where, why in reasons.items():
+        shown = [x for x in errors.splitlines() if f"invalid message on doorstep/{where}:" in x]
+        assert len(shown) == 1, (where, errors)  # once, though it came twice
+        assert why in shown[0] and shown[0].endswith("(skipped)"), shown[0]
+    assert summary == "19 invalid message(s) skipped"  # 1 retained + 9 x 2
+
+
+def test_watch_in_process_counts_and_never_loses_its_network_thread(mosquitto: Any) -> None:
+    """The Watcher as the demo and status use it: an ``on_message`` that raises (a bug, a
+    closed pipe) is that message's problem; the thread keeps delivering."""
+    from device.alerts.mqtt import BrokerSettings
+    from host.watch import Message, Watcher
+
+    def explode(msg: Message) -> None:
+        if msg.device == "boom":
+            raise BrokenPipeError("stdout closed")
+
+    watcher = Watcher(BrokerSettings(mosquitto.url), on_message=explode).start()
+    try:
+        assert watcher.subscribed.wait(30)
+        with publisher(mosquitto.url) as send:
+            send("doorstep/boom/events", event("b1", "boom"))
+            send("doorstep/door1/events", event("x", "door1", wall_time="yesterday"))
+            send("doorstep/door2/events", event("ok", "door2"))
+        assert watcher.wait(lambda w: [e["id"] for e in w.events()] == ["b1", "ok"], timeout=30)
+        assert watcher.client._thread is not None and watcher.client._thread.is_alive()
+    finally:
+        watcher.stop()
+    assert watcher.invalid_count == 2
+    reasons = {bad.topic: bad.reason for bad in watcher.invalid}
+    assert "BrokenPipeError: stdout closed" in reasons["doorstep/boom/events"]
+    assert "wall_time" in reasons["doorstep/door1/events"]
+
+
+def _fleet_file(path: Path, names: list[str]) -> Path:
+    doc = {"devices": [{"name": n, "host": "127.0.0.1"} for n in names]}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_status_from_the_broker_skips_invalid_state(mosquitto: Any, tmp_path: Path) -> None:
+    fleet = _fleet_file(tmp_path / "fleet.yaml", ["door1", "door2", "door3", "door4"])
+    model = {"name": f"parcel{CLEAR}", "version": "1.0\x9b31m", "sha256": "b" * 64}
+    with publisher(mosquitto.url) as send:
+        send("doorstep/door1/state", state("door1", present="perhaps", zones=[]), retain=True)
+        send("doorstep/door2/state", deep(30_000), retain=True)
+        send("doorstep/door3/state", state("door3", model=model), retain=True)
+        send("doorstep/door4/state", [1, 2], retain=True)
+        for n in (1, 2, 3):
+            send(f"doorstep/door{n}/availability", "online", retain=True)
+        send("doorstep/door4/availability", {"online": True}, retain=True)
+    run = cli("status", "--fleet", fleet, "--broker", mosquitto.url, "--json")
+    assert run.code == 1, run.err  # door4 is not known to be online
+    rows = {r["device"]: r for r in json.loads(run.out)["devices"]}
+    assert rows["door1"]["daemon"] == "online, invalid state"
+    assert "present: Input should be a valid boolean" in rows["door1"]["last_event"]
+    assert "recursion limit exceeded" in rows["door2"]["last_event"]
+    assert rows["door3"]["daemon"] == "online, self-test ok"
+    assert rows["door3"]["model"].startswith(f"parcel{CLEAR} 1.0")  # JSON keeps the data
+    assert not rows["door4"]["reachable"] and "invalid state" in rows["door4"]["daemon"]
+    for where in ("door1/state", "door2/state", "door4/state", "door4/availability"):
+        assert f"invalid message on doorstep/{where}:" in run.err, run.err
+    human = cli("status", "--fleet", fleet, "--broker", mosquitto.url)
+    assert ESC not in human.out and "\x9b" not in human.out and ESC not in human.err
+    assert "parcel\\x1b[2J\\x1b[H 1.0\\x9b31m" in human.out, human.out
+
+
+@pytest.mark.parametrize("prefix", ["#", "doorstep/+", "a//b", "door step", "x" * 65, ""])
+def test_a_wildcard_or_malformed_prefix_is_a_usage_error(prefix: str, tmp_path: Path) -> None:
+    fleet = _fleet_file(tmp_path / "fleet.yaml", ["door1"])
+    # Port 9 (discard) on loopback: nothing is contacted, the prefix is refused before.
+    for args in (
+        ["watch", "--broker", "mqtt://127.0.0.1:9", "--prefix", prefix],
+        ["status", "--fleet", str(fleet), "--broker", "mqtt://127.0.0.1:9", "--prefix", prefix],
+    ):
+        run = cli(*args)
+        assert run.code == 2, run
+        assert "not a topic prefix" in run.err and "no wildcards" in run.err, run.err
+        assert "no answer from the broker" not in run.err and "Traceback" not in run.err
+
+
+def test_printable_escapes_control_characters_and_keeps_text() -> None:
+    assert printable("café 📦 ok") == "café 📦 ok"
+    assert printable("a\x1b[31mred\x07") == "a\\x1b[31mred\\x07"
+    assert printable("c1 \x9b2J del \x7f") == "c1 \\x9b2J del \\x7f"
+    assert printable("bidi \u202etxt.exe") == "bidi \\u202etxt.exe"
+    assert printable("two\nlines\tand\r") == "two\nlines\tand\\x0d"
+    assert printable("two\nlines\t", newlines=False) == "two\\x0alines\\x09"
+
+
+# ------------------------------------------------------------------ devices over SSH
