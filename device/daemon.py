@@ -165,6 +165,7 @@ class Daemon:
         record = DaemonRecord.model_validate(
             {
                 "pid": os.getpid(),
+                "pid_start_ticks": DaemonRecord.own_start_ticks(),
                 "state": state,
                 "systemd": "NOTIFY_SOCKET" in os.environ,
                 "model_sha256": self.sha,

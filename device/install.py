@@ -15,9 +15,9 @@ one (``rename(2)`` is atomic), never by ``ln -sfn`` (unlink, then link: a moment
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import stat
@@ -28,23 +28,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from device.daemon_proc import daemon_alive, daemon_mismatch, pid_exists
 from device.errors import DoorstepError
-from device.hashing import sha256_file
-from device.safefile import UnsafeFileError, read_small_file, write_atomic
+from device.safefile import UnsafeFileError, fsync_dir, read_small_file, write_atomic
+from device.store_fs import (
+    BUNDLE_ID,
+    InstallError,
+    check_bundle_dir,
+    check_id,
+    check_link,
+    check_models_dir,
+    check_space,
+    clean_leftovers,
+    in_dir,
+    open_upload,
+    relink,
+    remove_tree,
+    sha256_file_object,
+    temp_dir,
+    unlink_entry,
+)
 
 if TYPE_CHECKING:  # the bundle and signing modules load pydantic, numpy, cryptography: only
     from device.bundle.store import Bundle  # the commands that verify a bundle import them
     from device.record import DaemonRecord  # pydantic: only once there is a record to read
 
 ReloadMethod = Literal["auto", "systemd", "signal", "none"]
-_BUNDLE_ID = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_MAX_BYTES = 1 << 20
 RECORD_MAX_BYTES = 64 * 1024
 """A real daemon record is under 2 KiB; a larger ``daemon.json`` is refused unread"""
-
-
-class InstallError(DoorstepError):
-    """A store operation that could not be done (the state directory is left as it was)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ class Store:
         found = [
             (info.st_mtime, name)
             for name, info in self._entries()
-            if stat.S_ISDIR(info.st_mode) and _BUNDLE_ID.match(name)
+            if stat.S_ISDIR(info.st_mode) and BUNDLE_ID.match(name)
         ]
         return [name for _, name in sorted(found)]
 
@@ -134,100 +146,148 @@ def load_checked(path: Path, keys: list[Any]) -> Bundle:
 
 
 def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any]) -> Path:
-    """Turn an uploaded tar into ``models/<ident>``: check its sha256, extract it beside the
-    store, verify every file (and the signature), check its id, rename it into place."""
-    from device.bundle.signing import bundle_id
-    from device.bundle.store import extract_tar
+    """Turn an uploaded tar into ``models/<ident>``.
 
+    In order, spending nothing on a bundle before it is known to be wanted: the id is a bundle
+    id; the tar (a regular file, not a link) has the expected sha256; its manifest (read first,
+    bounded) has the id and, with trusted keys, a valid signature; the files fit in the free
+    space. Only then are the listed files extracted, each checked and fsynced, into a private
+    directory of an unpredictable name in ``models/``, verified again and renamed into place
+    (``models/`` fsynced). The tar is removed afterwards, or when corrupt, only if it is in
+    the store: a file elsewhere is never deleted.
+    """
+    from device.bundle.tarsafe import BundleTar
+
+    check_id(ident)
+    check_models_dir(store.models, create=True)
+    clean_leftovers(store.models)
     final = store.model_dir(ident)
-    if final.is_dir():
+    in_store = in_dir(tar, store.models)
+    if os.path.lexists(final):
+        check_bundle_dir(final)
         load_checked(final, keys)  # already installed: still must verify
-        tar.unlink(missing_ok=True)
+        if in_store:
+            unlink_entry(tar)
         return final
-    if not tar.is_file():
-        raise InstallError(f"{tar}: no such upload")
-    actual = sha256_file(tar)
-    if actual != tar_sha256:
-        tar.unlink()  # a resumed upload must not build on corrupt bytes
-        raise InstallError(
-            f"{tar}: sha256 {actual[:16]}… does not match the expected {tar_sha256[:16]}…: the "
-            "upload is corrupt or incomplete; it was removed, upload it again"
-        )
-    tmp = store.models / f".{ident}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        extract_tar(tar, tmp)
-        got = bundle_id(tmp)
+    with open_upload(tar) as fh:
+        actual = sha256_file_object(fh)
+        if actual != tar_sha256:
+            if in_store:
+                unlink_entry(tar)  # a resumed upload must not build on corrupt bytes
+            raise InstallError(
+                f"{tar}: sha256 {actual[:16]}… does not match the expected {tar_sha256[:16]}…: "
+                "the upload is corrupt or incomplete; "
+                + ("it was removed, upload it again" if in_store else "it was left as it is")
+            )
+        fh.seek(0)
+        bundle = BundleTar(fh, str(tar))
+        got = hashlib.sha256(bundle.manifest_bytes).hexdigest()
         if got != ident:
             raise InstallError(f"{tar}: holds bundle {got[:16]}…, not the expected {ident[:16]}…")
-        load_checked(tmp, keys)
-        tmp.replace(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tar.unlink(missing_ok=True)
+        if keys:
+            from device.bundle.signing import verify_manifest_signature
+
+            verify_manifest_signature(bundle.manifest_bytes, bundle.signature_bytes, keys, str(tar))
+        check_space(store.models, tar, bundle.total_bytes)
+        tmp = temp_dir(store.models, ident)
+        try:
+            dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(dir_fd, 0o755)  # private while written, readable like any bundle
+                bundle.extract_into(dir_fd)
+            finally:
+                os.close(dir_fd)
+            load_checked(tmp, keys)
+            os.rename(tmp, final)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise InstallError(
+                    f"{tar}: cannot install into {store.models}: {exc.strerror or exc}; nothing "
+                    "was installed"
+                ) from None
+            raise
+    fsync_dir(store.models)
+    if in_store:
+        unlink_entry(tar)
     return final
-
-
-def _relink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 def activate(store: Store, bundle_dir: Path, keys: list[Any]) -> dict[str, str | None]:
     """Point ``current`` at ``bundle_dir`` (under ``models/``), ``previous`` at the old one."""
-    bundle_dir = bundle_dir.resolve()
-    if bundle_dir.parent != store.models.resolve():
+    bundle_dir = Path(os.path.abspath(bundle_dir))
+    in_models = os.path.realpath(bundle_dir.parent) == os.path.realpath(store.models)
+    if not in_models or not BUNDLE_ID.match(bundle_dir.name):
         raise InstallError(
             f"{bundle_dir}: not in {store.models}; install it first (doorstep-device install)"
         )
-    load_checked(bundle_dir, keys)  # verify (and check the signature) before switching
-    new = bundle_dir.name
+    target = store.model_dir(bundle_dir.name)
+    check_bundle_dir(target)
+    check_link(store.current)
+    check_link(store.previous)
+    clean_leftovers(store.state_dir)
+    load_checked(target, keys)  # verify (and check the signature) before switching
+    new = target.name
     old = store.linked(store.current)
     if old == new:
         return {"active": new, "previous": store.linked(store.previous)}
     if old is not None:
-        _relink(store.previous, f"models/{old}")
-    _relink(store.current, f"models/{new}")
+        relink(store.previous, f"models/{old}")
+    relink(store.current, f"models/{new}")
     return {"active": new, "previous": old}
 
 
 def rollback(store: Store, keys: list[Any]) -> dict[str, str | None]:
     """Swap ``current`` and ``previous``."""
+    check_link(store.current)
+    check_link(store.previous)
+    clean_leftovers(store.state_dir)
     prev, cur = store.linked(store.previous), store.linked(store.current)
-    if prev is None or not store.model_dir(prev).is_dir():
+    if prev is None or not os.path.lexists(store.model_dir(prev)):
         if cur is None:
             raise InstallError(f"{store.state_dir}: no deployed model to roll back from")
         # The first deployment failed: drop `current`, so the daemon falls back to the model
         # its config names (or the one shipped with doorstep).
         store.current.unlink()
+        fsync_dir(store.state_dir)
         return {"active": None, "previous": cur}
+    check_id(prev, f"{store.previous} points at")
+    check_bundle_dir(store.model_dir(prev))
     load_checked(store.model_dir(prev), keys)
-    _relink(store.current, f"models/{prev}")
+    relink(store.current, f"models/{prev}")
     if cur is not None:
-        _relink(store.previous, f"models/{cur}")
+        relink(store.previous, f"models/{cur}")
     return {"active": prev, "previous": cur}
 
 
 def prune(store: Store, keep: int, stale_part_s: float = 86_400) -> list[str]:
-    """Delete the oldest bundles beyond ``keep`` (never current or previous) and old uploads."""
+    """Delete the oldest bundles beyond ``keep`` (never current or previous), old uploads,
+    leftovers of killed installs and activates, and links planted where a bundle belongs
+    (the link is removed, never what it points at)."""
     if keep < 1:
         raise InstallError("--keep must be at least 1")
+    gone = clean_leftovers(store.models) + clean_leftovers(store.state_dir)
     protected = {store.linked(store.current), store.linked(store.previous)}
+    entries = store._entries()
+    for name, info in entries:
+        if BUNDLE_ID.match(name) and stat.S_ISLNK(info.st_mode):
+            unlink_entry(store.model_dir(name))
+            gone.append(f"{name} (a symbolic link, not a bundle: the link was removed)")
     stored = store.stored()
     removable = [i for i in stored if i not in protected]
     excess = max(0, len(stored) - keep)
-    gone = removable[:excess]
-    for ident in gone:
-        shutil.rmtree(store.model_dir(ident))
+    for ident in removable[:excess]:
+        try:
+            check_bundle_dir(store.model_dir(ident))
+            remove_tree(store.model_dir(ident))
+        except (InstallError, OSError):
+            continue  # another user's directory: not doorstep's to delete
+        gone.append(ident)
     now = time.time()
-    for part in store.models.glob("*.tar.part") if store.models.is_dir() else []:
-        if now - part.stat().st_mtime > stale_part_s:
-            part.unlink()
-            gone.append(part.name)
+    for name, info in entries:
+        if name.endswith(".tar.part") and now - info.st_mtime > stale_part_s:
+            unlink_entry(store.models / name)
+            gone.append(name)
     return gone
 
 
@@ -266,9 +326,10 @@ def write_daemon_record(store: Store, record: DaemonRecord | Mapping[str, Any]) 
         ) from None
 
 
-def read_daemon_record(store: Store) -> DaemonRecord | None:
+def read_daemon_record(store: Store, live: bool = True) -> DaemonRecord | None:
     """The daemon's record with ``state`` as it really is: "running" only while its pid is a
-    live doorstep daemon (:func:`daemon_alive`). None when there is no record.
+    live doorstep daemon (:func:`daemon_alive`; with ``live=False``, ``state`` as written).
+    None when there is no record.
 
     Raises :class:`~device.record.RecordError` ``"<path>: invalid record: <why>"`` for a record
     that is a link, a FIFO or another non-regular file, larger than
@@ -287,43 +348,10 @@ def read_daemon_record(store: Store) -> DaemonRecord | None:
     from device.record import parse_record
 
     record = parse_record(raw, str(path))
-    alive = record.state != "stopped" and daemon_alive(record.pid)
+    if not live:
+        return record
+    alive = record.state != "stopped" and daemon_alive(record.pid, record.pid_start_ticks)
     return record.model_copy(update={"state": "running" if alive else "stopped"})
-
-
-def daemon_alive(pid: int) -> bool:
-    """Is ``pid`` (> 0) a live process that looks like ``doorstep-device run``?
-
-    Alive: it exists (``kill(pid, 0)``; another user's process counts). When its command line
-    is readable (``/proc/<pid>/cmdline``), it must also be a doorstep daemon, so a stale record
-    whose pid went to another process (or a planted record naming init) does not count. A
-    plausibility check, not a proof: the start time and the owner are not compared.
-    """
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists
-    except OSError:
-        return False
-    try:
-        raw = read_small_file(Path(f"/proc/{pid}/cmdline"), 64 * 1024)
-    except UnsafeFileError:
-        return True  # cannot look (hidepid, not Linux): trust that it exists
-    if raw is None:
-        return False  # gone meanwhile
-    return _looks_like_daemon(raw.split(b"\0"))
-
-
-def _looks_like_daemon(argv: list[bytes]) -> bool:
-    """``.../doorstep-device run ...`` or ``python -m device.cli run ...``."""
-    for i, arg in enumerate(argv):
-        if arg.endswith(b"doorstep-device") or (arg == b"device.cli" and argv[i - 1 : i] == [b"-m"]):
-            return b"run" in argv[i + 1 :]
-    return False
 
 
 def daemon_status(store: Store) -> tuple[dict[str, Any] | None, str | None]:
@@ -342,17 +370,21 @@ class ReloadTarget:
     how: Literal["systemd", "signal", "none"]
     service: str = "doorstep-device"
     pid: int | None = None
+    start_ticks: int | None = None
+    uid: int | None = None
 
 
 def reload_target(store: Store, method: ReloadMethod, service: str) -> ReloadTarget:
-    """Decide how to reload: call this *before* switching links, so an unreadable record stops
-    the command while nothing has changed yet (:class:`InstallError` saying what to do)."""
+    """Decide how to reload: call this *before* switching links, so an unreadable record, or
+    one naming a live process that is not verifiably the daemon (:func:`daemon_mismatch`: its
+    command line, start time and user), stops the command while nothing has changed yet
+    (:class:`InstallError` saying what to do). A record whose process is gone: no reload."""
     if method == "none":
         return ReloadTarget("none", service)
     if method == "systemd":
         return ReloadTarget("systemd", service)
     try:
-        record = read_daemon_record(store)
+        record = read_daemon_record(store, live=False)
     except DoorstepError as exc:
         raise InstallError(
             f"{exc}: cannot tell which daemon to reload, so nothing was changed; restart the "
@@ -360,13 +392,29 @@ def reload_target(store: Store, method: ReloadMethod, service: str) -> ReloadTar
         ) from None
     if method == "auto" and record is not None and record.systemd:
         return ReloadTarget("systemd", service)
-    if record is None or record.state != "running":
+    if record is None or record.state != "running" or not pid_exists(record.pid):
         return ReloadTarget("none", service)
-    return ReloadTarget("signal", service, record.pid)
+    uid = _owner(store.state_dir)
+    why = daemon_mismatch(record.pid, record.pid_start_ticks, uid)
+    if why is not None:
+        raise InstallError(
+            f"{store.daemon_file}: {why}: it is not signalled, and nothing was changed; if the "
+            "daemon runs, restart it (it rewrites its record), or pass --reload systemd or "
+            "--reload none"
+        )
+    return ReloadTarget("signal", service, record.pid, record.pid_start_ticks, uid)
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
 
 
 def send_reload(target: ReloadTarget) -> str:
-    """Carry out a :class:`ReloadTarget`; returns how ("systemd", "signal" or "none")."""
+    """Carry out a :class:`ReloadTarget`; returns how ("systemd", "signal" or "none"). A pid is
+    checked again just before the signal (it may have been reused since)."""
     if target.how == "systemd":
         cmd = ["systemctl", "reload", target.service]
         if os.geteuid() != 0:
@@ -376,6 +424,9 @@ def send_reload(target: ReloadTarget) -> str:
             raise InstallError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}")
         return "systemd"
     if target.how == "signal" and target.pid is not None and target.pid > 0:
+        why = daemon_mismatch(target.pid, target.start_ticks, target.uid)
+        if why is not None:
+            raise InstallError(f"the daemon was not reloaded: {why}; restart it")
         try:
             os.kill(target.pid, signal.SIGHUP)
         except OSError as exc:

@@ -134,6 +134,21 @@ class DaemonRecord(_Doc):
     )
     storage_error: Text | None = None
     outbox: OutboxStats | None = None
+    # Since the hostile-input work: lets activate tell the daemon from a process that reused
+    # its pid (device.daemon_proc.daemon_mismatch).
+    pid_start_ticks: int | None = Field(
+        default=None,
+        ge=0,
+        description="the daemon's start time, clock ticks since boot "
+        "(field 22 of /proc/<pid>/stat); None from a daemon that did not say",
+    )
+
+    @staticmethod
+    def own_start_ticks() -> int | None:
+        """This process's start time, for the record it writes about itself."""
+        from device.daemon_proc import process_start_ticks
+
+        return process_start_ticks()
 
 
 class BundleRef(_Doc):

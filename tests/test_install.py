@@ -108,8 +108,13 @@ def test_a_tar_with_a_path_is_refused(tmp_path: Path) -> None:
     shutil.copy(evil, part)
     sha = hashlib.sha256(evil.read_bytes()).hexdigest()
     with pytest.raises(DoorstepError, match="plain files only"):
-        install(store, part, "x" * 64, sha, [])
+        install(store, part, "0" * 64, sha, [])
     assert not list(store.models.glob(".*tmp*")) and not (tmp_path / "manifest.json").exists()
+    for bad_id in ("x" * 64, "../../../outside/x", "a/b"):  # --id must be a bundle id
+        with pytest.raises(DoorstepError, match="is not a bundle id"):
+            install(store, part, bad_id, sha, [])
+    assert sorted(p.name for p in store.models.iterdir()) == ["x.tar.part"]
+    assert not (tmp_path / "outside").exists()
 
 
 def test_signed_bundles_only_when_a_key_is_configured(tmp_path: Path) -> None:

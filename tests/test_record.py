@@ -245,8 +245,8 @@ def test_a_record_naming_another_process_is_no_daemon_and_is_not_signalled(
     two_bundles: Store, tmp_path: Path
 ) -> None:
     """A valid record whose pid is a live process that is not ``doorstep-device run`` (a pid
-    reused after the daemon died, or planted): ``status`` says stopped and ``activate`` sends it
-    nothing (SIGHUP would kill this child)."""
+    reused after the daemon died, or planted, or init): ``status`` says stopped and ``activate``
+    refuses, sending nothing (SIGHUP would kill this child) and leaving ``current``."""
     store = _copy(two_bundles, tmp_path)
     old = store.linked(store.current)
     new = next(i for i in store.stored() if i != old)
@@ -258,17 +258,66 @@ def test_a_record_naming_another_process_is_no_daemon_and_is_not_signalled(
             store.daemon_file.write_bytes(_json(pid=pid))
             record = read_daemon_record(store)
             assert record is not None and record.state == "stopped"
-        store.daemon_file.write_bytes(_json(pid=bystander.pid))
-        out = device_cli(
-            "activate", str(store.model_dir(new)), "--state-dir", str(store.state_dir), "--json"
-        )
-        assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["reloaded"] == "none"
+            out = device_cli(
+                "activate", str(store.model_dir(new)), "--state-dir", str(store.state_dir)
+            )
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+            assert f"pid {pid} is not a doorstep daemon" in out.stderr
+            assert "nothing was changed" in out.stderr
+            assert store.linked(store.current) == old
         assert bystander.poll() is None  # still alive: no SIGHUP
     finally:
         bystander.kill()
         bystander.communicate(timeout=30)  # closes its stdin pipe too
     assert bystander.returncode == -signal.SIGKILL
+
+
+def test_only_the_daemon_that_wrote_the_record_is_signalled(
+    two_bundles: Store, tmp_path: Path
+) -> None:
+    """A stand-in process whose command line reads ``doorstep-device run`` (a pid reused by a
+    look-alike): signalled only when the record names its start time (field 22 of
+    /proc/<pid>/stat, what the daemon records); a record without it or with another is refused
+    and ``current`` stays."""
+    from device.daemon_proc import process_start_ticks
+
+    store = _copy(two_bundles, tmp_path)
+    old = store.linked(store.current)
+    new = next(i for i in store.stored() if i != old)
+    lookalike = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", "doorstep-device", "run"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        ticks = process_start_ticks(lookalike.pid)
+        assert ticks is not None and ticks > 0
+        for recorded, why in ((None, "does not say when"), (ticks + 1, "another time")):
+            store.daemon_file.write_bytes(_json(pid=lookalike.pid, pid_start_ticks=recorded))
+            out = device_cli(
+                "activate", str(store.model_dir(new)), "--state-dir", str(store.state_dir)
+            )
+            assert out.returncode == 2 and why in out.stderr, out.stderr
+            assert "nothing was changed" in out.stderr and store.linked(store.current) == old
+            assert lookalike.poll() is None
+        store.daemon_file.write_bytes(_json(pid=lookalike.pid, pid_start_ticks=ticks))
+        out = device_cli(
+            "activate", str(store.model_dir(new)), "--state-dir", str(store.state_dir), "--json"
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["reloaded"] == "signal"
+        assert store.linked(store.current) == new
+        lookalike.communicate(timeout=30)  # SIGHUP ends it (Python's default action)
+        assert lookalike.returncode == -signal.SIGHUP
+    finally:
+        if lookalike.poll() is None:
+            lookalike.kill()
+            lookalike.communicate(timeout=30)
+
+
+def test_the_daemon_records_its_own_start_time() -> None:
+    from device.daemon_proc import process_start_ticks
+
+    assert DaemonRecord.own_start_ticks() == process_start_ticks(os.getpid()) is not None
 
 
 def test_status_without_a_record_does_not_import_pydantic(tmp_path: Path) -> None:

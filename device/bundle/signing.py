@@ -319,40 +319,57 @@ def verify_bundle_signature(
     already loaded. This checks the manifest only: the files are checked against the manifest
     by ``load_bundle`` (see :func:`load_signed_bundle`, which does both).
     """
+    src = Path(bundle)
+    data = _manifest_bytes(src)
+    sig_bytes = _read_member(src, SIGNATURE, required=False)
+    return verify_manifest_signature(data, sig_bytes, trusted, str(src), src.is_file())
+
+
+def verify_manifest_signature(
+    data: bytes,
+    sig_bytes: bytes | None,
+    trusted: str | Path | Sequence[str | Path] | Sequence[PublicKey],
+    where: str,
+    in_tar: bool = True,
+) -> str:
+    """Check ``manifest.sig`` (its bytes, None when absent) over the manifest bytes ``data``;
+    return the signing key's id. ``where`` names the bundle in errors. What the device's
+    ``install`` calls on the two members it read from a tar before extracting anything."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     keys = _trusted_keys(trusted)
     if not keys:
         raise ConfigError("no trusted public key given: cannot verify a bundle signature")
-    src = Path(bundle)
-    data = _manifest_bytes(src)
-    sig_bytes = _read_member(src, SIGNATURE, required=False)
+
+    def member(name: str) -> str:
+        return f"{where}[{name}]" if in_tar else str(Path(where) / name)
+
     if sig_bytes is None:
         raise SignatureError(
-            f"{src}: no {SIGNATURE}; this device requires signed bundles "
+            f"{where}: no {SIGNATURE}; this device requires signed bundles "
             "(sign it on the host: doorstep-host sign BUNDLE)"
         )
-    sig = parse_signature(sig_bytes, _where(src, SIGNATURE))
+    sig = parse_signature(sig_bytes, member(SIGNATURE))
     by_id = {k.key_id: k for k in keys}
     key = by_id.get(sig.key_id)
     if key is None:
         raise SignatureError(
-            f"{src}: signed with key {sig.key_id}, which this device does not trust "
+            f"{where}: signed with key {sig.key_id}, which this device does not trust "
             f"(trusted: {', '.join(sorted(by_id))}); add that public key to the device's "
             "config or re-sign the bundle with a trusted key"
         )
     actual = hashlib.sha256(data).hexdigest()
     if actual != sig.manifest_sha256:
         raise SignatureError(
-            f"{_where(src, MANIFEST)}: changed after it was signed by key {sig.key_id} "
+            f"{member(MANIFEST)}: changed after it was signed by key {sig.key_id} "
             f"(signed sha256 {sig.manifest_sha256[:12]}…, now {actual[:12]}…); refusing it"
         )
     try:
         Ed25519PublicKey.from_public_bytes(key.raw).verify(sig.signature, data)
     except InvalidSignature:
         raise SignatureError(
-            f"{src}: bad signature: {SIGNATURE} does not verify with key {sig.key_id}; "
+            f"{where}: bad signature: {SIGNATURE} does not verify with key {sig.key_id}; "
             "the manifest or the signature was altered; refusing it"
         ) from None
     return sig.key_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -123,26 +124,66 @@ def pack_bundle(bundle_dir: str | Path, tar_path: str | Path) -> Path:
     return dest
 
 
-def read_manifest(path: Path) -> Manifest:
-    """Parse and validate ``manifest.json``; refuse unknown schema versions."""
+MANIFEST_MAX_BYTES = 1 << 20
+"""A real manifest is a few KiB; a larger one is refused unread"""
+MANIFEST_MAX_DEPTH = 32
+"""A real manifest nests 4 deep; deeper JSON is refused before it is parsed"""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """How deep ``data``'s arrays and objects nest, counting no further than ``limit + 1``
+    (strings skipped): checked before ``json.loads``, which recurses once per level."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", data)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
+def manifest_from_bytes(data: bytes, where: str) -> Manifest:
+    """Parse and validate a manifest's bytes (bounded size and nesting); refuse unknown schema
+    versions. Raises :class:`BundleError` naming ``where``."""
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise BundleError(f"{where}: more than {MANIFEST_MAX_BYTES} bytes: not a doorstep manifest")
+    if json_depth(data, MANIFEST_MAX_DEPTH) > MANIFEST_MAX_DEPTH:
+        raise BundleError(
+            f"{where}: nested more than {MANIFEST_MAX_DEPTH} deep: not a doorstep manifest"
+        )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing: not a doorstep bundle") from None
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON: {exc}") from None
+        raise BundleError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{where}: nested too deeply: not a doorstep manifest") from None
     if not isinstance(raw, dict):
-        raise BundleError(f"{path}: expected a JSON object")
+        raise BundleError(f"{where}: expected a JSON object")
     version = raw.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise BundleError(
-            f"{path}: schema_version {version} is newer than this doorstep understands "
+            f"{where}: schema_version {version} is newer than this doorstep understands "
             f"({SCHEMA_VERSION}): upgrade doorstep on this device"
         )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleError(format_validation_error(exc, str(path))) from None
+        raise BundleError(format_validation_error(exc, where)) from None
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read, parse and validate ``manifest.json`` (see :func:`manifest_from_bytes`)."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MANIFEST_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing: not a doorstep bundle") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return manifest_from_bytes(data, str(path))
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
