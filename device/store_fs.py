@@ -78,6 +78,7 @@ def check_bundle_dir(path: Path) -> None:
 def check_models_dir(models: Path, create: bool = False) -> None:
     """``models/`` itself: a real directory owned by this user or root (made if asked)."""
     if create:
+        models.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.mkdir(models)
     try:
