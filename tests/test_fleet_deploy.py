@@ -642,3 +642,22 @@ def test_test_harnesses_are_not_in_the_shipped_package(
         timeout=60,
     )
     assert out.returncode == 0 and "PYTHONPATH=tests" in out.stdout, out.stderr
+
+
+def test_a_link_planted_at_the_upload_is_refused_and_never_written_through(lab: Lab) -> None:
+    """door2's ``models/<id>.tar.part`` is a link to a file elsewhere on the device (planted by
+    a member of the doorstep group): that device fails naming the path, the file is never
+    written, a re-run refuses again; the other devices deploy."""
+    ident = lab.id("v1")
+    victim = lab.root / "victim.conf"
+    victim.write_text("precious\n")
+    part = lab.fleet[1].state_dir / "models" / f"{ident}.tar.part"
+    part.parent.mkdir(parents=True)
+    part.symlink_to(victim)
+    for others in ("deployed", "skipped"):
+        run = lab.deploy("v1", "--canary", "0")
+        assert run.code == 1
+        assert run.outcomes() == {"door1": others, "door2": "failed", "door3": others}
+        assert f"{part}: a symbolic link: refused" in run.detail("door2"), run.detail("door2")
+        assert victim.read_text() == "precious\n" and part.is_symlink()
+        assert lab.linked(1) is None

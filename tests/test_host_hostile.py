@@ -8,9 +8,11 @@ operator's terminal as an escape sequence.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -257,3 +259,161 @@ def test_printable_escapes_control_characters_and_keeps_text() -> None:
 
 
 # ------------------------------------------------------------------ devices over SSH
+
+
+# ------------------------------------------------------------------ devices over SSH
+
+SHIPPED = Path(__file__).resolve().parents[1] / "device" / "models" / "parcel-ssd"
+
+
+def _fake_device(path: Path, script: str) -> str:
+    """An executable standing in for the device's Python (the fleet file's ``python``): what
+    a broken or hostile doorbell answers to every ``doorstep-device`` command."""
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture
+def hostile_fleet(ssh_fleet: Any, tmp_path: Path) -> Path:
+    """door1 is honest; door2 prints 100 MB; door3 reports a bundle and a daemon error full of
+    escape sequences; door4 refuses with escapes in its error line."""
+    status = {
+        "doorstep_version": f"0.1{CLEAR}",
+        "state_dir": "/x",
+        "active": {"id": "c" * 64, "name": f"evil{CLEAR}", "version": "1\x9b2J"},
+        "daemon_error": f"record {CLEAR} gone",
+    }
+    doc = tmp_path / "status.json"
+    doc.write_text(json.dumps(status))  # JSON carries the escapes as \u001b
+    fakes = {
+        "door2": _fake_device(tmp_path / "loud", "head -c 100000000 /dev/zero | tr '\\0' x\n"),
+        "door3": _fake_device(tmp_path / "escapes", f"cat {doc}\n"),
+        "door4": _fake_device(
+            tmp_path / "refuses",
+            "printf 'doorstep-device: error: no \\033[2J\\033[1;1Hdeployed\\n' >&2; exit 2\n",
+        ),
+    }
+    entries = [d.fleet_entry(python=fakes.get(d.name, d.python)) for d in ssh_fleet]
+    fleet = tmp_path / "hostile-fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": entries}))
+    return fleet
+
+
+@pytest.mark.parametrize("ssh_fleet", [4], indirect=True)
+@pytest.mark.timeout(300)
+def test_a_device_that_floods_or_sends_escapes_is_its_own_error(hostile_fleet: Path) -> None:
+    run = cli("status", "--fleet", hostile_fleet, "--json")
+    rows = {r["device"]: r for r in json.loads(run.out)["devices"]}
+    assert rows["door1"]["reachable"] and rows["door1"]["model"] == "shipped default"
+    assert not rows["door2"]["reachable"]
+    assert "printed more than 4194304 bytes on stdout: refused" in rows["door2"]["detail"]
+    assert rows["door3"]["model"].startswith(f"evil{CLEAR} 1")
+    assert "no \x1b[2J" in rows["door4"]["detail"]  # the data, kept as data in JSON
+
+    outputs = {
+        "status": cli("status", "--fleet", hostile_fleet),
+        "dry run": cli("deploy", SHIPPED, "--fleet", hostile_fleet, "--dry-run"),
+        "deploy": cli("deploy", SHIPPED, "--fleet", hostile_fleet),
+    }
+    for what, done in outputs.items():
+        for text in (done.out, done.err):
+            assert ESC not in text and "\x9b" not in text, (what, text)
+        assert done.code == 1, (what, done.err)
+    status = outputs["status"].out
+    assert "evil\\x1b[2J\\x1b[H 1\\x9b2J" in status, status
+    assert "printed more than 4194304 bytes" in status
+    plan = outputs["dry run"].out
+    assert "printed more than 4194304 bytes" in plan  # door2's refusal; the others planned
+    assert "no \\x1b[2J\\x1b[1;1Hdeployed" in plan, plan
+    assert "no \\x1b[2J\\x1b[1;1Hdeployed" in outputs["deploy"].out
+
+
+async def _upload(device: Any, local: Path, remote: str) -> Any:
+    from host.fleet.ssh import connect
+
+    async with connect(device) as conn:
+        return await asyncio.wait_for(conn.upload(local, remote), timeout=60)
+
+
+def test_an_upload_never_writes_through_what_is_planted_at_its_part(
+    ssh_fleet: Any, tmp_path: Path
+) -> None:
+    """A group member plants ``models/<id>.tar.part``: a link to a file of the login user's,
+    a dangling link, a FIFO, a file of another user; or ``models`` itself as a link. Each is
+    refused naming the path, nothing is written through it; removed, the upload works."""
+    from host.fleet.ssh import TransferError
+
+    device = ssh_fleet[0]
+    models = device.state_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    remote = str(models / f"{'d' * 64}.tar")
+    part = Path(remote + ".part")
+    local = tmp_path / "bundle.tar"
+    local.write_bytes(os.urandom(300_000))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+
+    def plant(kind: str) -> None:
+        if part.is_symlink() or part.exists():
+            part.unlink()
+        if kind == "link":
+            part.symlink_to(victim)
+        elif kind == "dangling":
+            part.symlink_to(tmp_path / "created-through-a-link")
+        elif kind == "fifo":
+            os.mkfifo(part)
+        elif kind == "foreign":
+            part.write_bytes(local.read_bytes()[:1000])  # looks resumable
+            os.chown(part, 65534, 65534)
+
+    expected = {
+        "link": "a symbolic link: refused",
+        "dangling": "a symbolic link: refused",
+        "fifo": "not a regular file: refused",
+        "foreign": "owned by uid 65534, not by the login user",
+    }
+    for kind, why in expected.items():
+        plant(kind)
+        for _ in range(2):  # a re-run is refused the same way
+            with pytest.raises(TransferError) as refused:
+                asyncio.run(_upload(device, local, remote))
+            assert f"{part}: {why}" in str(refused.value), (kind, refused.value)
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / "created-through-a-link").exists()
+
+    plant("none")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    models.rename(tmp_path / "models-real")
+    models.symlink_to(elsewhere)  # the whole directory swapped for a link
+    with pytest.raises(TransferError) as refused:
+        asyncio.run(_upload(device, local, remote))
+    assert f"{models}: a symbolic link: refused" in str(refused.value)
+    assert list(elsewhere.iterdir()) == []
+    models.unlink()
+    (tmp_path / "models-real").rename(models)
+
+    done = asyncio.run(_upload(device, local, remote))  # nothing planted: it works
+    assert done.resumed_from == 0 and part.read_bytes() == local.read_bytes()
+    assert not part.is_symlink() and part.stat().st_uid == os.getuid()
+
+
+def test_command_output_is_bounded_and_the_connection_survives(ssh_fleet: Any) -> None:
+    from host.fleet.ssh import CommandError, connect
+
+    async def go() -> tuple[str, str, str]:
+        async with connect(ssh_fleet[0]) as conn:
+            with pytest.raises(CommandError) as out:
+                await asyncio.wait_for(conn.run("head -c 100000000 /dev/zero"), timeout=60)
+            with pytest.raises(CommandError) as err:
+                await asyncio.wait_for(
+                    conn.run("head -c 3000 /dev/zero >&2; echo fine", max_output=1000), 60
+                )
+            after = await conn.run("echo still here")
+            return str(out.value), str(err.value), after.stdout
+
+    out, err, after = asyncio.run(go())
+    assert "printed more than 4194304 bytes on stdout: refused" in out
+    assert "printed more than 1000 bytes on stderr: refused" in err
+    assert after == "still here\n"

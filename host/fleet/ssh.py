@@ -16,6 +16,7 @@ and for many devices, :func:`run_all` with a bound on how many run at once.
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import re
 import shlex
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
 import asyncssh
+from asyncssh import FXF_CREAT, FXF_EXCL, FXF_READ, FXF_WRITE
 
 from host.fleet.errors import (
     AuthError,
@@ -58,6 +60,8 @@ __all__ = [  # the errors and the fan-out live in their own modules; importable 
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 #: How much of the end of a partial upload is compared with the local file before resuming.
 RESUME_CHECK_BYTES = 64 * 1024
+#: The most a command may print on stdout, and on stderr, before it is refused (and stopped).
+OUTPUT_MAX_BYTES = 4 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 ProgressFn = Callable[[int, int], None]
@@ -125,6 +129,7 @@ class Connection:
         self.target = target
         self._conn = conn
         self._sftp: asyncssh.SFTPClient | None = None
+        self._uid: int | None = None
 
     @property
     def name(self) -> str:
@@ -155,29 +160,44 @@ class Connection:
         check: bool = True,
         timeout: float | None = 300.0,
         input: str | None = None,
+        max_output: int = OUTPUT_MAX_BYTES,
     ) -> CommandResult:
         """Run ``command`` on the device (a shell string, or an argv list that is quoted for you).
 
         With ``check`` a non-zero exit raises :class:`CommandError` with the exit code and the
-        tail of stderr; without it the result is returned whatever the exit status.
+        tail of stderr; without it the result is returned whatever the exit status. At most
+        ``max_output`` bytes of stdout and of stderr are read: a device that prints more is
+        that command's :class:`CommandError` (its channel is closed), not the host's memory.
         """
         line = command if isinstance(command, str) else shlex.join(command)
         shown = _shorten(line)
+        output = _Output(max_output)
         try:
-            done = await self._conn.run(line, check=False, timeout=timeout, input=input)
-        except asyncssh.TimeoutError as exc:
+            async with asyncio.timeout(timeout):
+                status, signal_name = await self._run(line, input, output)
+        except TimeoutError as exc:
+            if timeout is None:  # not our bound: the connection's
+                raise _connection_lost(self.name, f"running `{shown}`", exc) from None
             raise CommandError(
                 self.name,
                 f"`{shown}` did not finish within {timeout:g} s",
                 command=line,
                 exit_status=None,
-                stderr=_text(exc.stderr),
+                stderr=output.text("stderr"),
+            ) from None
+        except _TooMuchOutputError as exc:
+            raise CommandError(
+                self.name,
+                f"`{shown}` printed more than {max_output} bytes on {exc}: refused (a device "
+                "answers in a few KiB; is something wrong on it?)",
+                command=line,
+                exit_status=None,
+                stderr=output.text("stderr")[-2000:],
             ) from None
         except (asyncssh.Error, OSError) as exc:
             raise _connection_lost(self.name, f"running `{shown}`", exc) from None
-        stdout, stderr = _text(done.stdout), _text(done.stderr)
-        if done.exit_signal is not None:
-            signal_name = done.exit_signal[0]
+        stdout, stderr = output.text("stdout"), output.text("stderr")
+        if signal_name is not None:
             raise CommandError(
                 self.name,
                 f"`{shown}` was killed by signal {signal_name}{_tail(stderr)}",
@@ -185,7 +205,6 @@ class Connection:
                 exit_status=None,
                 stderr=stderr,
             )
-        status = done.exit_status if done.exit_status is not None else -1
         if check and status != 0:
             raise CommandError(
                 self.name,
@@ -195,6 +214,29 @@ class Connection:
                 stderr=stderr,
             )
         return CommandResult(status, stdout, stderr)
+
+    async def _run(self, line: str, input: str | None, output: _Output) -> tuple[int, str | None]:
+        """Start ``line``, feed ``input``, read both streams into ``output`` (bounded) until
+        the command ends; its exit status and the signal that killed it, if one did."""
+        proc = await self._conn.create_process(line, encoding=None)
+        try:
+            if input is not None:
+                proc.stdin.write(input.encode())
+            proc.stdin.write_eof()
+            readers = [
+                asyncio.ensure_future(output.read(name, stream))
+                for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))
+            ]
+            try:
+                await asyncio.gather(*readers)
+            finally:
+                for reader in readers:
+                    reader.cancel()
+            await proc.wait_closed()
+        finally:
+            proc.close()  # on an error or too much output: stop the command's channel
+        signal = proc.exit_signal[0] if proc.exit_signal is not None else None
+        return (proc.exit_status if proc.exit_status is not None else -1), signal
 
     async def upload(
         self,
@@ -211,6 +253,13 @@ class Connection:
         whose last bytes match the file at that offset is continued rather than sent again (a
         cheap check, not a proof: verify the whole file with :meth:`sha256` before using it).
         The caller verifies and renames; this never touches ``remote_path`` itself.
+
+        The directory may be writable by others (the store is group-writable), so nothing
+        planted there is written through: the ``.part`` must be absent or a regular file
+        owned by the login user, else :class:`TransferError` names it; a new one is created
+        exclusively (``O_CREAT|O_EXCL``, which never follows a link), an existing one is
+        checked again once open, before a byte is written. SFTP v3 (OpenSSH) has no
+        ``O_NOFOLLOW``, so this is the check that protocol allows.
         """
         local = Path(local_path)
         try:
@@ -223,10 +272,20 @@ class Connection:
             parent = posixpath.dirname(part)
             if parent:
                 await sftp.makedirs(parent, exist_ok=True)
-            offset = await self._resume_offset(sftp, local, part, size) if resume else 0
+                await self._require_directory(sftp, parent)
+            existing = await self._existing_part(sftp, part)
+            offset = 0
+            if existing is not None and resume:
+                offset = await self._resume_offset(sftp, local, part, existing, size)
+            if existing is not None and offset == 0:
+                await sftp.remove(part)  # unlinks the name itself, whatever it is
+                existing = None
             with local.open("rb") as src:
                 src.seek(offset)
-                async with sftp.open(part, "r+b" if offset else "wb") as dst:
+                flags = FXF_READ | FXF_WRITE if existing else FXF_WRITE | FXF_CREAT | FXF_EXCL
+                async with sftp.open(part, flags, encoding=None) as dst:
+                    if existing is not None:
+                        await self._still_the_same(sftp, part, existing, dst)
                     done = offset
                     if progress is not None:
                         progress(done, size)
@@ -244,6 +303,77 @@ class Connection:
                 self.name, f"uploading {local.name} to {part} (a re-run resumes it)", exc
             ) from None
         return UploadResult(part=part, size=size, resumed_from=offset)
+
+    async def login_uid(self) -> int:
+        """The uid the device runs this login's commands as (``id -u``, asked once)."""
+        if self._uid is None:
+            out = (await self.run(["id", "-u"], timeout=30.0)).stdout.strip()
+            if not out.isdigit():
+                raise CommandError(
+                    self.name,
+                    f"`id -u` printed {out[:40]!r}, not a uid",
+                    command="id -u",
+                    exit_status=0,
+                    stderr="",
+                )
+            self._uid = int(out)
+        return self._uid
+
+    async def _require_directory(self, sftp: asyncssh.SFTPClient, path: str) -> None:
+        mode = (await sftp.lstat(path)).permissions or 0
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+            raise TransferError(
+                self.name, f"{path}: {kind}: refused (nothing is uploaded through it)"
+            )
+
+    async def _existing_part(
+        self, sftp: asyncssh.SFTPClient, part: str
+    ) -> asyncssh.SFTPAttrs | None:
+        """The attributes of ``part`` (not following a link), None if absent; refused unless
+        a regular file owned by the login user."""
+        try:
+            attrs = await sftp.lstat(part)
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        self._check_own_regular(part, attrs, await self.login_uid())
+        return attrs
+
+    def _check_own_regular(self, part: str, attrs: asyncssh.SFTPAttrs, uid: int) -> None:
+        mode = attrs.permissions or 0
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise TransferError(
+                self.name,
+                f"{part}: {kind}: refused (an upload never writes through it); "
+                "remove it on the device and deploy again",
+            )
+        if attrs.uid != uid:
+            raise TransferError(
+                self.name,
+                f"{part}: owned by uid {attrs.uid}, not by the login user (uid {uid}): refused; "
+                "remove it on the device and deploy again",
+            )
+
+    async def _still_the_same(
+        self,
+        sftp: asyncssh.SFTPClient,
+        part: str,
+        before: asyncssh.SFTPAttrs,
+        handle: asyncssh.SFTPClientFile,
+    ) -> None:
+        """The file opened is the one checked: what the handle points at and what the name
+        now holds are both our regular file, unchanged (a link swapped in between is caught
+        here, before anything is written)."""
+        uid = await self.login_uid()
+        opened, now = await handle.stat(), await sftp.lstat(part)
+        for attrs in (opened, now):
+            self._check_own_regular(part, attrs, uid)
+        same = [(a.size, a.mtime, a.uid, a.permissions) for a in (before, opened, now)]
+        if len(set(same)) != 1:
+            raise TransferError(
+                self.name, f"{part}: changed while it was opened: refused; deploy again"
+            )
 
     async def sha256(self, remote_path: str) -> str:
         """The sha256 of a file on the device, computed there (``sha256sum``, from coreutils)."""
@@ -319,11 +449,10 @@ class Connection:
         return self._sftp
 
     @staticmethod
-    async def _resume_offset(sftp: asyncssh.SFTPClient, local: Path, part: str, size: int) -> int:
-        try:
-            existing = (await sftp.stat(part)).size or 0
-        except asyncssh.SFTPNoSuchFile:
-            return 0
+    async def _resume_offset(
+        sftp: asyncssh.SFTPClient, local: Path, part: str, attrs: asyncssh.SFTPAttrs, size: int
+    ) -> int:
+        existing = attrs.size or 0
         if existing == 0 or existing > size:
             return 0
         window = min(existing, RESUME_CHECK_BYTES)
@@ -333,6 +462,29 @@ class Connection:
             src.seek(existing - window)
             ours = src.read(window)
         return existing if theirs == ours else 0
+
+
+class _TooMuchOutputError(Exception):
+    """A command printed more than its bound on a stream (the stream's name)."""
+
+
+class _Output:
+    """What a command printed, stdout and stderr each at most ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self._sizes = {"stdout": 0, "stderr": 0}
+
+    async def read(self, name: str, stream: asyncssh.SSHReader[bytes]) -> None:
+        while data := await stream.read(64 * 1024):
+            self._sizes[name] += len(data)
+            if self._sizes[name] > self.limit:
+                raise _TooMuchOutputError(name)
+            self._chunks[name].append(data)
+
+    def text(self, name: str) -> str:
+        return b"".join(self._chunks[name]).decode("utf-8", "replace")
 
 
 # ------------------------------------------------------------------------------------ connect
@@ -473,14 +625,6 @@ def _connection_lost(device: str, doing: str, exc: BaseException) -> DeviceError
     if isinstance(exc, asyncssh.ConnectionLost | OSError):
         return UnreachableError(device, f"connection lost while {doing}: {reason}")
     return DeviceError(device, f"SSH failed while {doing}: {reason}")
-
-
-def _text(data: object) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, bytes):
-        return data.decode("utf-8", "replace")
-    return str(data)
 
 
 def _shorten(command: str, limit: int = 80) -> str:
