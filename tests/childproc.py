@@ -18,12 +18,13 @@ from typing import IO, Any
 
 
 class LineReader:
-    """The lines of ``stream`` (a text pipe), read by a thread; ``name`` labels failures."""
+    """The lines of ``stream`` (a text pipe), read by a thread; ``name`` labels failures, which
+    also show the tail of ``also`` (the same child's other stream, say)."""
 
-    def __init__(self, stream: IO[str] | None, name: str) -> None:
+    def __init__(self, stream: IO[str] | None, name: str, also: LineReader | None = None) -> None:
         if stream is None:
             raise ValueError(f"{name}: the child's stream is not a pipe")
-        self.name = name
+        self.name, self.also = name, also
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -49,9 +50,12 @@ class LineReader:
         with self._lock:
             return "\n".join(self._lines)
 
+    def _tail(self) -> str:
+        return "\n".join(self.text().splitlines()[-30:]) or "(nothing)"
+
     def _fail(self, what: str) -> AssertionError:
-        tail = "\n".join(self.text().splitlines()[-30:])
-        return AssertionError(f"{self.name}: {what}; it printed:\n{tail or '(nothing)'}")
+        also = f"\n{self.also.name}:\n{self.also._tail()}" if self.also is not None else ""
+        return AssertionError(f"{self.name}: {what}; it printed:\n{self._tail()}{also}")
 
     def next(self, timeout: float) -> str:
         """The next line; fails if none comes within ``timeout`` s or the stream ended."""

@@ -208,7 +208,8 @@ def test_broker_down_during_the_run_loses_no_event(
         stderr=subprocess.PIPE,
         text=True,
     )
-    out, err = LineReader(proc.stdout, "daemon stdout"), LineReader(proc.stderr, "daemon stderr")
+    err = LineReader(proc.stderr, "daemon stderr")
+    out = LineReader(proc.stdout, "daemon stdout", also=err)  # a failure shows both
     try:
         # wait until both events were decided, with no broker
         seen = [out.record_until(lambda r: r["log"] == "event", timeout=120)["id"] for _ in "12"]

@@ -241,7 +241,8 @@ def test_sighup_with_a_corrupt_bundle_keeps_serving_the_old_model(
         "telemetry:\n  interval_s: 0.5\n"
     )
     proc = _daemon(tmp_path, None, config)  # a looping video: a source that never ends
-    out, err = LineReader(proc.stdout, "daemon stdout"), LineReader(proc.stderr, "daemon stderr")
+    err = LineReader(proc.stderr, "daemon stderr")
+    out = LineReader(proc.stdout, "daemon stdout", also=err)  # a failure shows both
     try:
         first = out.record_until(lambda r: True, timeout=90)
         assert first["log"] == "start"

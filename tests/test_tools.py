@@ -103,7 +103,8 @@ def test_watch_prints_events_once_each(mosquitto: Any, tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    out, err = LineReader(watch.stdout, "watch stdout"), LineReader(watch.stderr, "watch stderr")
+    err = LineReader(watch.stderr, "watch stderr")
+    out = LineReader(watch.stdout, "watch stdout", also=err)  # a failure shows both
     try:
         # Publish only once the broker acknowledged watch's subscription: before that the
         # broker would drop the event (not retained), and watch would wait for it for ever.
