@@ -19,17 +19,22 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from device.daemon_proc import daemon_alive, daemon_mismatch, pid_exists
+from device.daemon_proc import daemon_alive
 from device.errors import DoorstepError
+from device.reload import (  # re-exported: the commands import them from here
+    ReloadMethod as ReloadMethod,
+)
+from device.reload import ReloadTarget as ReloadTarget
+from device.reload import reload_daemon as reload_daemon
+from device.reload import reload_target as reload_target
+from device.reload import send_reload as send_reload
 from device.safefile import UnsafeFileError, fsync_dir, read_small_file, write_atomic
 from device.store_fs import (
     BUNDLE_ID,
@@ -53,7 +58,6 @@ if TYPE_CHECKING:  # the bundle and signing modules load pydantic, numpy, crypto
     from device.bundle.store import Bundle  # the commands that verify a bundle import them
     from device.record import DaemonRecord  # pydantic: only once there is a record to read
 
-ReloadMethod = Literal["auto", "systemd", "signal", "none"]
 MANIFEST_MAX_BYTES = 1 << 20
 RECORD_MAX_BYTES = 64 * 1024
 """A real daemon record is under 2 KiB; a larger ``daemon.json`` is refused unread"""
@@ -361,84 +365,6 @@ def daemon_status(store: Store) -> tuple[dict[str, Any] | None, str | None]:
     except DoorstepError as exc:  # RecordError: unsafe or invalid, say so and go on
         return None, str(exc)
     return (record.model_dump(mode="json") if record is not None else None), None
-
-
-@dataclass(frozen=True)
-class ReloadTarget:
-    """How ``activate``/``rollback`` will reload the daemon, decided before anything switches."""
-
-    how: Literal["systemd", "signal", "none"]
-    service: str = "doorstep-device"
-    pid: int | None = None
-    start_ticks: int | None = None
-    uid: int | None = None
-
-
-def reload_target(store: Store, method: ReloadMethod, service: str) -> ReloadTarget:
-    """Decide how to reload: call this *before* switching links, so an unreadable record, or
-    one naming a live process that is not verifiably the daemon (:func:`daemon_mismatch`: its
-    command line, start time and user), stops the command while nothing has changed yet
-    (:class:`InstallError` saying what to do). A record whose process is gone: no reload."""
-    if method == "none":
-        return ReloadTarget("none", service)
-    if method == "systemd":
-        return ReloadTarget("systemd", service)
-    try:
-        record = read_daemon_record(store, live=False)
-    except DoorstepError as exc:
-        raise InstallError(
-            f"{exc}: cannot tell which daemon to reload, so nothing was changed; restart the "
-            f"daemon (it rewrites its record), or pass --reload systemd or --reload none"
-        ) from None
-    if method == "auto" and record is not None and record.systemd:
-        return ReloadTarget("systemd", service)
-    if record is None or record.state != "running" or not pid_exists(record.pid):
-        return ReloadTarget("none", service)
-    uid = _owner(store.state_dir)
-    why = daemon_mismatch(record.pid, record.pid_start_ticks, uid)
-    if why is not None:
-        raise InstallError(
-            f"{store.daemon_file}: {why}: it is not signalled, and nothing was changed; if the "
-            "daemon runs, restart it (it rewrites its record), or pass --reload systemd or "
-            "--reload none"
-        )
-    return ReloadTarget("signal", service, record.pid, record.pid_start_ticks, uid)
-
-
-def _owner(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_uid
-    except OSError:
-        return None
-
-
-def send_reload(target: ReloadTarget) -> str:
-    """Carry out a :class:`ReloadTarget`; returns how ("systemd", "signal" or "none"). A pid is
-    checked again just before the signal (it may have been reused since)."""
-    if target.how == "systemd":
-        cmd = ["systemctl", "reload", target.service]
-        if os.geteuid() != 0:
-            cmd = ["sudo", "-n", *cmd]  # the sudo rule in the README allows just this
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if proc.returncode != 0:
-            raise InstallError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}")
-        return "systemd"
-    if target.how == "signal" and target.pid is not None and target.pid > 0:
-        why = daemon_mismatch(target.pid, target.start_ticks, target.uid)
-        if why is not None:
-            raise InstallError(f"the daemon was not reloaded: {why}; restart it")
-        try:
-            os.kill(target.pid, signal.SIGHUP)
-        except OSError as exc:
-            raise InstallError(f"cannot signal the daemon (pid {target.pid}): {exc}") from None
-        return "signal"
-    return "none"
-
-
-def reload_daemon(store: Store, method: ReloadMethod, service: str) -> str:
-    """Ask the daemon to load ``current`` again; returns how (or "none" if no daemon runs).
-    Prefer :func:`reload_target` before the switch and :func:`send_reload` after it."""
-    return send_reload(reload_target(store, method, service))
 
 
 def _describe(store: Store, ident: str | None) -> dict[str, Any] | None:

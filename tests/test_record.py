@@ -235,7 +235,12 @@ def test_activate_with_a_hostile_record_refuses_before_switching(
     assert store.linked(store.current) == old  # `current` is as it was
     # The record is not needed to switch without a reload.
     out = device_cli(
-        "activate", str(store.model_dir(new)), "--state-dir", str(store.state_dir), "--reload", "none"
+        "activate",
+        str(store.model_dir(new)),
+        "--state-dir",
+        str(store.state_dir),
+        "--reload",
+        "none",
     )
     assert out.returncode == 0, out.stderr
     assert store.linked(store.current) == new
