@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from device import __version__
 from device.cliutil import formatter, parse_threads, run
+from device.errors import DoorstepError
 from host.fleet.commands import COMMANDS as FLEET_COMMANDS
 from host.fleet.commands import add_parsers as add_fleet_parsers
+from host.safe_text import printable
 
 DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
 
@@ -454,8 +456,22 @@ COMMANDS = {
 }
 
 
+def _printable_errors(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """``command`` whose error message, which may quote a device, a bundle or a broker, is
+    printed with its control characters escaped (``host.safe_text``)."""
+
+    def safely(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except DoorstepError as exc:
+            raise DoorstepError(printable(str(exc))) from None
+
+    return safely
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), COMMANDS, argv)
+    commands = {name: _printable_errors(cmd) for name, cmd in COMMANDS.items()}
+    return run(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":

@@ -392,6 +392,12 @@ def test_an_upload_never_writes_through_what_is_planted_at_its_part(
     assert f"{models}: a symbolic link: refused" in str(refused.value)
     assert list(elsewhere.iterdir()) == []
     models.unlink()
+    models.symlink_to(tmp_path / "nowhere")  # dangling: not made through the link either
+    with pytest.raises(TransferError) as refused:
+        asyncio.run(_upload(device, local, remote))
+    assert f"{models}: a symbolic link: refused" in str(refused.value)
+    assert not (tmp_path / "nowhere").exists()
+    models.unlink()
     (tmp_path / "models-real").rename(models)
 
     done = asyncio.run(_upload(device, local, remote))  # nothing planted: it works
@@ -417,3 +423,11 @@ def test_command_output_is_bounded_and_the_connection_survives(ssh_fleet: Any) -
     assert "printed more than 4194304 bytes on stdout: refused" in out
     assert "printed more than 1000 bytes on stderr: refused" in err
     assert after == "still here\n"
+
+
+def test_an_error_message_quoting_a_hostile_name_prints_no_escape(tmp_path: Path) -> None:
+    fleet = _fleet_file(tmp_path / "fleet.yaml", ["door1"])
+    bundle = tmp_path / f"parcel{CLEAR}.tar"  # e.g. a bundle file received from elsewhere
+    run = cli("deploy", bundle, "--fleet", fleet)
+    assert run.code == 2 and "doorstep-host: error: " in run.err
+    assert ESC not in run.err and "parcel\\x1b[2J\\x1b[H.tar: not found" in run.err, run.err

@@ -270,9 +270,9 @@ class Connection:
         try:
             sftp = await self._sftp_client()
             parent = posixpath.dirname(part)
-            if parent:
+            if parent and not await self._is_directory(sftp, parent):  # absent: made here
                 await sftp.makedirs(parent, exist_ok=True)
-                await self._require_directory(sftp, parent)
+                await self._is_directory(sftp, parent, made=True)
             existing = await self._existing_part(sftp, part)
             offset = 0
             if existing is not None and resume:
@@ -319,13 +319,23 @@ class Connection:
             self._uid = int(out)
         return self._uid
 
-    async def _require_directory(self, sftp: asyncssh.SFTPClient, path: str) -> None:
-        mode = (await sftp.lstat(path)).permissions or 0
+    async def _is_directory(
+        self, sftp: asyncssh.SFTPClient, path: str, *, made: bool = False
+    ) -> bool:
+        """True when ``path`` is a directory itself (not a link to one, nor a dangling link),
+        False when nothing is there (before it is ``made``); anything else is refused."""
+        try:
+            mode = (await sftp.lstat(path)).permissions or 0
+        except asyncssh.SFTPNoSuchFile:
+            if made:
+                raise TransferError(self.name, f"{path}: vanished once made: refused") from None
+            return False
         if not stat.S_ISDIR(mode):
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
             raise TransferError(
                 self.name, f"{path}: {kind}: refused (nothing is uploaded through it)"
             )
+        return True
 
     async def _existing_part(
         self, sftp: asyncssh.SFTPClient, part: str
