@@ -46,16 +46,18 @@ from device.store_fs import (
     check_space,
     clean_leftovers,
     in_dir,
+    open_dir,
     open_upload,
     relink,
     remove_tree,
     sha256_file_object,
-    temp_dir,
+    temp_dir_at,
     unlink_entry,
 )
 
 if TYPE_CHECKING:  # the bundle and signing modules load pydantic, numpy, cryptography: only
     from device.bundle.store import Bundle  # the commands that verify a bundle import them
+    from device.bundle.tarsafe import BundleTar
     from device.record import DaemonRecord  # pydantic: only once there is a record to read
 
 MANIFEST_MAX_BYTES = 1 << 20
@@ -155,10 +157,10 @@ def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any
     In order, spending nothing on a bundle before it is known to be wanted: the id is a bundle
     id; the tar (a regular file, not a link) has the expected sha256; its manifest (read first,
     bounded) has the id and, with trusted keys, a valid signature; the files fit in the free
-    space. Only then are the listed files extracted, each checked and fsynced, into a private
-    directory of an unpredictable name in ``models/``, verified again and renamed into place
-    (``models/`` fsynced). The tar is removed afterwards, or when corrupt, only if it is in
-    the store: a file elsewhere is never deleted.
+    space. Only then are the listed files extracted, each hashed as written and fsynced, into a
+    private directory of an unpredictable name in ``models/`` (fsynced), renamed into place
+    (``models/`` fsynced), all relative to one fd of ``models/``. The tar is removed
+    afterwards, or when corrupt, only if it is in the store: a file elsewhere is never deleted.
     """
     from device.bundle.tarsafe import BundleTar
 
@@ -193,28 +195,37 @@ def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any
 
             verify_manifest_signature(bundle.manifest_bytes, bundle.signature_bytes, keys, str(tar))
         check_space(store.models, tar, bundle.total_bytes)
-        tmp = temp_dir(store.models, ident)
-        try:
-            dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchmod(dir_fd, 0o755)  # private while written, readable like any bundle
-                bundle.extract_into(dir_fd)
-            finally:
-                os.close(dir_fd)
-            load_checked(tmp, keys)
-            os.rename(tmp, final)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise InstallError(
-                    f"{tar}: cannot install into {store.models}: {exc.strerror or exc}; nothing "
-                    "was installed"
-                ) from None
-            raise
-    fsync_dir(store.models)
+        _unpack(store, tar, bundle, ident)
     if in_store:
         unlink_entry(tar)
     return final
+
+
+def _unpack(store: Store, tar: Path, bundle: BundleTar, ident: str) -> None:
+    """Extract into a new private directory of ``models/`` and rename it to ``ident``, all
+    relative to one fd of ``models/`` (fsynced after the rename)."""
+    models_fd = open_dir(store.models)
+    tmp = None
+    try:
+        tmp = temp_dir_at(models_fd, ident)
+        dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=models_fd)
+        try:
+            os.fchmod(dir_fd, 0o755)  # private while written, then readable like any bundle
+            bundle.extract_into(dir_fd)  # each file hashed as written and fsynced, then the dir
+        finally:
+            os.close(dir_fd)
+        os.rename(tmp, ident, src_dir_fd=models_fd, dst_dir_fd=models_fd)
+        tmp = None
+        os.fsync(models_fd)
+    except OSError as exc:
+        raise InstallError(
+            f"{tar}: cannot install into {store.models}: {exc.strerror or exc}; nothing was "
+            "installed"
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True, dir_fd=models_fd)
+        os.close(models_fd)
 
 
 def activate(store: Store, bundle_dir: Path, keys: list[Any]) -> dict[str, str | None]:
@@ -270,6 +281,9 @@ def prune(store: Store, keep: int, stale_part_s: float = 86_400) -> list[str]:
     (the link is removed, never what it points at)."""
     if keep < 1:
         raise InstallError("--keep must be at least 1")
+    if not os.path.lexists(store.models):
+        return clean_leftovers(store.state_dir)
+    os.close(open_dir(store.models))  # refuse a models/ that is a link or another user's
     gone = clean_leftovers(store.models) + clean_leftovers(store.state_dir)
     protected = {store.linked(store.current), store.linked(store.previous)}
     entries = store._entries()

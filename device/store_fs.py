@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -106,9 +105,32 @@ def check_link(link: Path) -> None:
         )
 
 
-def temp_dir(models: Path, ident: str) -> Path:
-    """A new private directory ``models/.<id>.tmp-<pid>-<random>`` (created exclusively)."""
-    return Path(tempfile.mkdtemp(prefix=f".{ident}.tmp-{os.getpid()}-", dir=models))
+def open_dir(path: Path) -> int:
+    """An fd of the real directory ``path`` owned by this user or root (never through a link
+    as its last component): every later step works relative to it, so swapping the directory
+    for a link afterwards changes nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InstallError(
+            f"{path}: not a directory (a link or a file?): refused: {exc.strerror}"
+        ) from None
+    if not _owner_ok(os.fstat(fd)):
+        os.close(fd)
+        raise InstallError(f"{path}: owned by another user than this one or root: refused")
+    return fd
+
+
+def temp_dir_at(dir_fd: int, ident: str) -> str:
+    """Make a private directory ``.<id>.tmp-<pid>-<random>`` in ``dir_fd`` exclusively (a name
+    that exists, planted or not, is never reused); returns its name."""
+    while True:
+        name = f".{ident}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            return name
+        except FileExistsError:
+            continue
 
 
 def relink(link: Path, target: str) -> None:

@@ -203,8 +203,12 @@ def test_install_and_activate_fsync_before_making_things_visible(
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
+    def at(name: Any, fd: int | None) -> str:
+        return str(name) if fd is None else os.path.join(os.readlink(f"/proc/self/fd/{fd}"), name)
+
     def rename(src: Any, dst: Any, **kw: Any) -> None:
-        events.append(("rename", f"{src} -> {dst}"))
+        src_at, dst_at = at(src, kw.get("src_dir_fd")), at(dst, kw.get("dst_dir_fd"))
+        events.append(("rename", f"{src_at} -> {dst_at}"))
         real_rename(src, dst, **kw)
 
     def replace(src: Any, dst: Any, **kw: Any) -> None:
@@ -217,17 +221,17 @@ def test_install_and_activate_fsync_before_making_things_visible(
     final = install(store, part, ident, sha(tar), [])
     renames = [i for i, (kind, what) in enumerate(events) if what.endswith(f"-> {final}")]
     assert len(renames) == 1, events
-    at = renames[0]
-    tmp = events[at][1].split(" -> ")[0]
-    synced_before = {what for kind, what in events[:at] if kind == "fsync"}
+    done = renames[0]
+    tmp = events[done][1].split(" -> ")[0]
+    synced_before = {what for kind, what in events[:done] if kind == "fsync"}
     for name in ("manifest.json", *load_bundle(final).manifest.files):
         assert f"{tmp}/{name}" in synced_before, (name, events)
     assert tmp in synced_before
-    assert ("fsync", str(store.models)) in events[at + 1 :]
+    assert ("fsync", str(store.models)) in events[done + 1 :]
     events.clear()
     activate(store, final, [])
-    at = next(i for i, (_, what) in enumerate(events) if what.endswith(f"-> {store.current}"))
-    assert ("fsync", str(store.state_dir)) in events[at + 1 :], events
+    done = next(i for i, (_, what) in enumerate(events) if what.endswith(f"-> {store.current}"))
+    assert ("fsync", str(store.state_dir)) in events[done + 1 :], events
 
 
 # ----------------------------------------------------------- 2. resources before the signature
@@ -384,3 +388,20 @@ def test_rollback_to_a_planted_previous_link_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DoorstepError, match="is a symbolic link"):
         rollback(store, [])
     assert os.readlink(store.current) == f"models/{first.name}"
+
+
+def test_a_models_directory_planted_as_a_link_is_refused(tmp_path: Path) -> None:
+    """``models/`` itself replaced by a link (the state directory is group-writable): install
+    and prune refuse it and nothing is written where it points."""
+    bundle = variant(tmp_path, "v1")
+    tar = pack_bundle(bundle, tmp_path / "v1.tar")
+    store = Store(tmp_path / "state")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store.state_dir.mkdir()
+    os.symlink(elsewhere, store.models)
+    with pytest.raises(DoorstepError, match="not a directory of this user or root"):
+        install(store, tar, bundle_id(bundle), sha(tar), [])
+    with pytest.raises(DoorstepError, match="not a directory"):
+        prune(store, keep=1)
+    assert os.listdir(elsewhere) == []

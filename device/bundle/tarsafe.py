@@ -71,6 +71,10 @@ class BundleTar:
             self.signature_bytes = self._read(self._pending, SIGNATURE_MAX_BYTES)
             self._pending = self._next()
         self.manifest: Manifest = manifest_from_bytes(self.manifest_bytes, f"{where}[{MANIFEST}]")
+        if self.manifest.model_file not in self.manifest.files:
+            raise BundleError(
+                f"{where}[{MANIFEST}]: files does not list the model {self.manifest.model_file}"
+            )
         for name in self.manifest.files:
             if name != os.path.basename(name) or name.startswith(".") or name in ("", MANIFEST):
                 raise BundleError(f"{where}[{MANIFEST}]: file name {name!r} is not a plain name")
