@@ -18,6 +18,7 @@ import contextlib
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,11 @@ from host.safe_text import printable
 
 #: Largest payload looked at (a state is about 1 KiB, an event or telemetry a few).
 PAYLOAD_MAX_BYTES = 64 * 1024
+#: Messages a watcher keeps (the newest), event ids it remembers to drop redeliveries, and
+#: topics whose first invalid message it reports: bounded, so no publisher can fill the memory.
+KEEP_MESSAGES = 10_000
+KEEP_EVENT_IDS = 10_000
+REPORT_INVALID_TOPICS = 1_000
 #: Longest topic prefix (the device config's bound).
 PREFIX_MAX_CHARS = 64
 MODELS: dict[str, type[BaseModel]] = {
@@ -141,11 +147,13 @@ class Watcher:
     prefix: str = "doorstep"
     on_message: Callable[[Message], None] | None = None
     kinds: tuple[str, ...] = ("events", "availability", "state")
-    messages: list[Message] = field(default_factory=list)
+    messages: deque[Message] = field(default_factory=lambda: deque(maxlen=KEEP_MESSAGES))
+    """the newest :data:`KEEP_MESSAGES` valid messages"""
     on_invalid: Callable[[Invalid], None] | None = None
-    """called for the first invalid message of each topic (all are counted in ``invalid``)"""
+    """called for the first invalid message of each topic (of the first
+    :data:`REPORT_INVALID_TOPICS`); all are counted in ``invalid_count``"""
     invalid: list[Invalid] = field(default_factory=list)
-    """the first invalid message of each topic"""
+    """the first invalid message of each topic reported"""
     invalid_count: int = 0
 
     def __post_init__(self) -> None:
@@ -164,7 +172,7 @@ class Watcher:
                 keyfile=str(self.broker.key_file) if self.broker.key_file else None,
             )
         self._address = (host, port)
-        self._seen: set[str] = set()
+        self._seen: dict[str, None] = {}  # insertion-ordered: the oldest id goes first
         self._bad_topics: set[str] = set()
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
@@ -203,7 +211,9 @@ class Watcher:
             if isinstance(parsed.model, EventPayload):
                 if parsed.model.id in self._seen:
                     return
-                self._seen.add(parsed.model.id)
+                self._seen[parsed.model.id] = None
+                if len(self._seen) > KEEP_EVENT_IDS:
+                    del self._seen[next(iter(self._seen))]
             self.messages.append(parsed)
         if self.on_message is not None:
             self.on_message(parsed)
@@ -211,7 +221,7 @@ class Watcher:
     def _reject(self, bad: Invalid) -> None:
         with self._lock:
             self.invalid_count += 1
-            if bad.topic in self._bad_topics:
+            if bad.topic in self._bad_topics or len(self._bad_topics) >= REPORT_INVALID_TOPICS:
                 return
             self._bad_topics.add(bad.topic)
             self.invalid.append(bad)

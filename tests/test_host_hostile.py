@@ -431,3 +431,31 @@ def test_an_error_message_quoting_a_hostile_name_prints_no_escape(tmp_path: Path
     run = cli("deploy", bundle, "--fleet", fleet)
     assert run.code == 2 and "doorstep-host: error: " in run.err
     assert ESC not in run.err and "parcel\\x1b[2J\\x1b[H.tar: not found" in run.err, run.err
+
+
+def test_a_flood_of_messages_keeps_the_watcher_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a watcher keeps (messages, event ids, reported topics) is bounded: a publisher
+    sending ever new events or garbage topics cannot grow it without end. (The bounds made
+    small here; the messages are handed over as paho's thread would.)"""
+    import host.watch as watch
+    from device.alerts.mqtt import BrokerSettings
+
+    monkeypatch.setattr(watch, "KEEP_MESSAGES", 50)
+    monkeypatch.setattr(watch, "KEEP_EVENT_IDS", 20)
+    monkeypatch.setattr(watch, "REPORT_INVALID_TOPICS", 5)
+    watcher = watch.Watcher(BrokerSettings("mqtt://127.0.0.1:9"))  # never started
+
+    def deliver(topic: str, payload: Any) -> None:
+        msg = mqtt.MQTTMessage(topic=topic.encode())
+        msg.payload = json.dumps(payload).encode()
+        watcher._on_message(watcher.client, None, msg)
+
+    for i in range(200):
+        deliver("doorstep/door1/events", event(f"e{i}", "door1"))
+        deliver(f"doorstep/junk{i}/events", {"id": [i]})
+    assert len(watcher.messages) == 50 and watcher.events()[-1]["id"] == "e199"
+    assert len(watcher._seen) == 20
+    assert watcher.invalid_count == 200 and len(watcher.invalid) == 5
+    deliver("doorstep/door1/events", event("e199", "door1"))  # a recent redelivery: dropped
+    assert watcher.events()[-1]["id"] == "e199" and len(watcher.messages) == 50
+    assert [e["id"] for e in watcher.events()].count("e199") == 1
