@@ -12,6 +12,10 @@ Typical use::
         digest = await conn.sha256("/var/lib/doorstep/incoming/bundle.tar.part")
 
 and for many devices, :func:`run_all` with a bound on how many run at once.
+
+A device is not trusted: what a command prints is read up to :data:`OUTPUT_MAX_BYTES` per
+stream (more is that command's error), and an upload never writes through a link or a file
+someone else planted at its ``.part`` (see :meth:`Connection.upload`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Two sources, and the output says which was used:
 - **SSH** (default): ``doorstep-device status --json`` on each device, in parallel.
 - **MQTT** (``--broker``): the retained ``<prefix>/<device_id>/state`` and ``availability``
   topics every daemon keeps on the broker. No SSH at all, so it works for doorbells the
-  workstation cannot log in to, but it knows only what the daemons last published.
+  workstation cannot log in to, but it knows only what the daemons last published. Every
+  message is validated against the daemon's payload models (``host.watch``): an invalid one
+  is reported once and skipped, never a traceback.
 """
 
 from __future__ import annotations
