@@ -146,9 +146,11 @@ def relink(link: Path, target: str) -> None:
             continue  # a planted name (or a collision): never reuse it, draw another
     try:
         os.replace(tmp, link)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # e.g. replaced by a directory since check_link
+            raise InstallError(f"{link}: cannot switch it: {exc.strerror or exc}") from None
         raise
     fsync_dir(link.parent)
 

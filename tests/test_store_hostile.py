@@ -405,3 +405,23 @@ def test_a_models_directory_planted_as_a_link_is_refused(tmp_path: Path) -> None
     with pytest.raises(DoorstepError, match="not a directory"):
         prune(store, keep=1)
     assert os.listdir(elsewhere) == []
+
+
+def test_an_oversized_extended_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A pax header declaring 1 GiB (tarfile would read it whole into memory), first or after
+    a small one: refused from its 512-byte header."""
+    store = Store(tmp_path / "state")
+    small = tarfile.TarInfo("././@PaxHeader")
+    small.type = tarfile.XHDTYPE
+    record = b"20 comment=abcdefgh\n"
+    small.size = len(record)
+    huge = tarfile.TarInfo("././@PaxHeader")
+    huge.type = tarfile.XHDTYPE
+    huge.size = 1 << 30
+    for name, blocks in (("first", []), ("chained", [small])):
+        tar = tmp_path / f"{name}.tar"
+        data = b""
+        for info in blocks:
+            data += info.tobuf(tarfile.USTAR_FORMAT) + record + b"\0" * (-len(record) % 512)
+        tar.write_bytes(data + huge.tobuf(tarfile.USTAR_FORMAT))
+        _refused(store, tar, "0" * 64, [], "an extended tar header of 1073741824 bytes")

@@ -145,22 +145,28 @@ class BundleTar:
         return member
 
     def _peek(self, offset: int) -> None:
-        """Refuse an oversized pax / long-name header before tarfile reads it into memory."""
-        self.fh.seek(offset)
-        block = self.fh.read(tarfile.BLOCKSIZE)
-        self.fh.seek(offset)
-        if len(block) < tarfile.BLOCKSIZE or block[156:157] not in _EXT_TYPES:
-            return
-        field = block[124:136]
-        try:  # octal; a base-256 size (first byte 0x80 or more) is always far too large
-            size = 1 << 64 if field[0] & 0x80 else int(field.strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            return  # tarfile itself reports the damaged header
-        if size > EXT_HEADER_MAX_BYTES:
-            raise BundleError(
-                f"{self.where}: an extended tar header of {size} bytes (more than "
-                f"{EXT_HEADER_MAX_BYTES}): refused"
-            )
+        """Refuse an oversized pax / long-name header (or a chain of them) before tarfile
+        reads it into memory."""
+        start = offset
+        try:
+            while True:
+                self.fh.seek(offset)
+                block = self.fh.read(tarfile.BLOCKSIZE)
+                if len(block) < tarfile.BLOCKSIZE or block[156:157] not in _EXT_TYPES:
+                    return
+                field = block[124:136]
+                try:  # octal; a base-256 size (first byte 0x80 or more) is always too large
+                    size = 1 << 64 if field[0] & 0x80 else int(field.strip(b"\0 ") or b"0", 8)
+                except ValueError:
+                    return  # tarfile itself reports the damaged header
+                if size > EXT_HEADER_MAX_BYTES:
+                    raise BundleError(
+                        f"{self.where}: an extended tar header of {size} bytes (more than "
+                        f"{EXT_HEADER_MAX_BYTES}): refused"
+                    )
+                offset += tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE)
+        finally:
+            self.fh.seek(start)
 
     def _read(self, member: tarfile.TarInfo, limit: int) -> bytes:
         if member.size > limit:
