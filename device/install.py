@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from device.daemon_proc import daemon_alive
 from device.errors import DoorstepError
@@ -176,6 +176,7 @@ def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any
             unlink_entry(tar)
         return final
     with open_upload(tar) as fh:
+        _check_upload_size(fh, tar)
         actual = sha256_file_object(fh)
         if actual != tar_sha256:
             if in_store:
@@ -199,6 +200,25 @@ def install(store: Store, tar: Path, ident: str, tar_sha256: str, keys: list[Any
     if in_store:
         unlink_entry(tar)
     return final
+
+
+def _check_upload_size(fh: BinaryIO, tar: Path) -> None:
+    """Refuse, before hashing it, an upload larger than the bundle its manifest describes (a
+    tar with gigabytes appended). A manifest that cannot be read is left to the checks after
+    the sha256, so a corrupt upload is still reported (and removed) as such."""
+    from device.bundle.tarsafe import BundleTar
+
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        bound = BundleTar(fh, str(tar)).max_tar_bytes
+    except DoorstepError:
+        bound = None
+    fh.seek(0)
+    if bound is not None and size > bound:
+        raise InstallError(
+            f"{tar}: {size} bytes, more than the {bound} a tar of the bundle its manifest "
+            "describes can take: it holds something else too; refused unread (nothing written)"
+        )
 
 
 def _unpack(store: Store, tar: Path, bundle: BundleTar, ident: str) -> None:

@@ -85,6 +85,17 @@ class BundleTar:
         sig = len(self.signature_bytes or b"")
         return len(self.manifest_bytes) + sig + sum(e.size for e in self.manifest.files.values())
 
+    @property
+    def max_tar_bytes(self) -> int:
+        """The most a tar of exactly this bundle can take: each member's header (with room for
+        pax records), its data padded to a block, and the end-of-archive record."""
+        sizes = [len(self.manifest_bytes), len(self.signature_bytes or b"")]
+        sizes += [e.size for e in self.manifest.files.values()]
+        per_member = 4 * tarfile.BLOCKSIZE
+        return (
+            sum(per_member + n + (-n % tarfile.BLOCKSIZE) for n in sizes) + 2 * tarfile.RECORDSIZE
+        )
+
     def extract_into(self, dir_fd: int) -> None:
         """Write the bundle into the (empty, private) directory ``dir_fd``: every file created
         exclusively, never through a link, checked against its manifest entry and fsynced."""
