@@ -188,7 +188,9 @@ def test_the_daemon_runs_with_the_units_proc_view(tmp_path: Path) -> None:
     assert telemetry and records[-1]["log"] == "stop", proc.stdout[-2000:]
     last = telemetry[-1]
     assert last["rss_mb"] > 0 and last["power"]["source"] == "estimate:pi5", last
-    assert last["inferences"] > 0, last
+    # The run's total, not the last window's: on a busy machine the last report can come just
+    # before the stop and count no inference.
+    assert records[-1]["inferences"] > 0, records[-1]
     # The check sees the difference: ProcSubset=pid on top would stop the daemon at start-up.
     broken = _run_with_proc(tmp_path, options + ",subset=pid")
     assert broken.returncode != 0 and "/proc/stat" in broken.stderr, broken.stderr
