@@ -183,17 +183,9 @@ def clean_leftovers(directory: Path) -> list[str]:
 
 
 def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists (another user's)
-    return True
+    from device.daemon_proc import pid_exists
+
+    return pid == os.getpid() or pid_exists(pid)
 
 
 def in_dir(path: Path, directory: Path) -> bool:

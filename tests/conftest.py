@@ -124,3 +124,13 @@ def mosquitto_tls(make_mosquitto: Callable[..., Mosquitto], mqtt_pki: Pki) -> Mo
 def mosquitto_mtls(make_mosquitto: Callable[..., Mosquitto], mqtt_pki: Pki) -> Mosquitto:
     """Like ``mosquitto_tls``, and clients must show a certificate signed by ``mqtt_pki.ca``."""
     return make_mosquitto("mosquitto-mtls", tls=mqtt_pki.server, require_certificate=True)
+
+
+@pytest.fixture
+def porch(tmp_path: Path, coco_samples: Path) -> Any:
+    """A still-image "camera" (``daemonproc.Scene``) showing real photos, ``empty`` to start."""
+    from daemonproc import Scene, porch_scenes
+
+    scene = Scene(tmp_path / "scene.png", porch_scenes(SHARED, coco_samples))
+    scene.show("empty")
+    return scene

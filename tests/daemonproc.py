@@ -188,3 +188,48 @@ def porch_scenes(shared: Path, coco_samples: Path) -> dict[str, Any]:
     empty = cv2.resize(cv2.imread(str(coco_samples / "owl.jpg")), (640, 480))
     parcel = cv2.resize(cv2.imread(str(sorted(parcels.glob("*.jpg"))[0])), (640, 480))
     return {"empty": empty, "parcel": parcel}
+
+
+PORCH_CONFIG = """
+device_id: {device_id}
+state_dir: {state}
+presence: {{arrive_hits: 3, arrive_window: 5, remove_after_s: {remove}, reminder_every_s: null}}
+motion: {{max_idle_s: 0.3}}
+telemetry: {{interval_s: {interval}}}
+source: {{type: still, path: {scene}, fps: 10}}
+mqtt: {{url: {url}, drain_timeout_s: {drain}}}
+"""
+
+
+def porch_config(
+    path: Path,
+    *,
+    state: Path,
+    scene: Path,
+    url: str,
+    device_id: str = "porch",
+    remove: float = 2.0,
+    interval: float = 1.0,
+    drain: float = 10.0,
+) -> Path:
+    """A device.yaml for a daemon watching a :class:`Scene` (a still image as its camera)."""
+    path.write_text(
+        PORCH_CONFIG.format(
+            device_id=device_id,
+            state=state,
+            remove=remove,
+            interval=interval,
+            scene=scene,
+            url=url,
+            drain=drain,
+        )
+    )
+    return path
+
+
+def unique_events(listener: Any) -> list[dict[str, Any]]:
+    """The events as a subscriber keeps them: redeliveries (the same id) de-duplicated."""
+    seen: dict[str, dict[str, Any]] = {}
+    for e in listener.events():
+        seen.setdefault(e["id"], e)
+    return list(seen.values())

@@ -14,34 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED
-from daemonproc import DaemonProc, Scene, porch_scenes, wait_file
+from daemonproc import DaemonProc, Scene, porch_config, unique_events, wait_file
 from test_alerts import Listener
-
-CONFIG = """
-device_id: porch-durable
-state_dir: {state}
-presence: {{arrive_hits: 3, arrive_window: 5, remove_after_s: {remove}, reminder_every_s: null}}
-motion: {{max_idle_s: 0.3}}
-telemetry: {{interval_s: 1}}
-source: {{type: still, path: {scene}, fps: 10}}
-mqtt: {{url: {url}, drain_timeout_s: 10}}
-"""
-
-
-@pytest.fixture
-def porch(tmp_path: Path, coco_samples: Path) -> Scene:
-    scene = Scene(tmp_path / "scene.png", porch_scenes(SHARED, coco_samples))
-    scene.show("empty")
-    return scene
 
 
 def _config(tmp_path: Path, url: str, scene: Scene, remove: float = 2.0) -> Path:
-    path = tmp_path / "device.yaml"
-    path.write_text(
-        CONFIG.format(state=tmp_path / "state", remove=remove, scene=scene.path, url=url)
+    return porch_config(
+        tmp_path / "device.yaml",
+        state=tmp_path / "state",
+        scene=scene.path,
+        url=url,
+        device_id="porch-durable",
+        remove=remove,
     )
-    return path
 
 
 @pytest.fixture
@@ -51,12 +36,7 @@ def listener(mosquitto: Any) -> Iterator[Listener]:
     li.close()
 
 
-def _unique(li: Listener) -> list[dict[str, Any]]:
-    """The events as a subscriber keeps them: redeliveries (same id) de-duplicated."""
-    seen: dict[str, dict[str, Any]] = {}
-    for e in li.events():
-        seen.setdefault(e["id"], e)
-    return list(seen.values())
+_unique = unique_events
 
 
 def _kinds(li: Listener) -> list[str]:

@@ -18,26 +18,9 @@ from typing import Any
 
 import pytest
 from conftest import SHARED
-from daemonproc import ROOT, DaemonProc, Scene, porch_scenes
+from daemonproc import ROOT, DaemonProc, Scene, porch_config, unique_events
 from fsfaults import fill, free, remount, small_tmpfs
 from test_alerts import Listener
-
-CONFIG = """
-device_id: porch-disk
-state_dir: {state}
-presence: {{arrive_hits: 3, arrive_window: 5, remove_after_s: 2, reminder_every_s: null}}
-motion: {{max_idle_s: 0.3}}
-telemetry: {{interval_s: 1}}
-source: {{type: still, path: {scene}, fps: 10}}
-mqtt: {{url: {url}, drain_timeout_s: 10}}
-"""
-
-
-@pytest.fixture
-def porch(tmp_path: Path, coco_samples: Path) -> Scene:
-    scene = Scene(tmp_path / "scene.png", porch_scenes(SHARED, coco_samples))
-    scene.show("empty")
-    return scene
 
 
 @pytest.fixture
@@ -47,16 +30,12 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _config(tmp_path: Path, state: Path, url: str, scene: Path) -> Path:
-    path = tmp_path / "device.yaml"
-    path.write_text(CONFIG.format(state=state, url=url, scene=scene))
-    return path
+    return porch_config(
+        tmp_path / "device.yaml", state=state, scene=scene, url=url, device_id="porch-disk"
+    )
 
 
-def _unique(li: Listener) -> list[dict[str, Any]]:
-    seen: dict[str, dict[str, Any]] = {}
-    for e in li.events():
-        seen.setdefault(e["id"], e)
-    return list(seen.values())
+_unique = unique_events
 
 
 def _last_state(li: Listener) -> dict[str, Any] | None:
