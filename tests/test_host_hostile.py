@@ -26,6 +26,7 @@ import pytest
 import yaml
 from childproc import LineReader, stop
 from paho.mqtt.enums import CallbackAPIVersion
+from test_tools import event
 
 from host.cli import main as host_main
 from host.safe_text import printable
@@ -50,25 +51,6 @@ def cli(*args: str | Path) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def event(ident: str, device_id: str, **changes: Any) -> dict[str, Any]:
-    """A complete, valid ``events`` payload."""
-    return {
-        "event": "arrived",
-        "id": ident,
-        "seq": 1,
-        "device_id": device_id,
-        "time": 1.0,
-        "wall_time": 0.0,
-        "zone": "doorstep",
-        "count": 1,
-        "boxes": [[1.0, 2.0, 3.0, 4.0]],
-        "scores": [0.9],
-        "model_sha256": "e" * 64,
-        "possible_theft": False,
-        "since": 1.0,
-        "arrival_id": ident,
-        **changes,
-    }
 
 
 def state(device_id: str, **changes: Any) -> dict[str, Any]:
