@@ -121,8 +121,10 @@ def test_broker_outage_loses_nothing(
     assert pub.drain(60)  # acknowledged by the broker: queued for the listener's session
     listener = Listener(broker.url, session="outage-listener")
     assert listener.wait(lambda li: {"e1", "e2", "e3"} <= {e["id"] for e in li.events()})
-    # all three arrive (a resend after a reconnect may repeat one: receivers de-duplicate by id)
-    assert {e["id"] for e in listener.events()} == {"e1", "e2", "e3"}
+    # all three arrive, and nothing else but possibly e0 again: QoS 1 is at least once, and the
+    # first listener may have left before its PUBACK for e0 reached the broker (receivers
+    # de-duplicate by id)
+    assert {e["id"] for e in listener.events()} - {"e0"} == {"e1", "e2", "e3"}
     pub.stop()
     listener.close()
 
