@@ -23,6 +23,7 @@ import numpy as np
 from device.detect.detector import Detection, Detector
 from device.detect.nms import box_iou
 from device.draw import annotate
+from device.errors import DoorstepError
 from host.render import DemoFrame, render_demo, write_frames
 
 MODELS = Path(__file__).resolve().parent / "models"
@@ -93,6 +94,12 @@ def run_demo(out_dir: str | Path) -> int:
         2,
         f"doorstep-host quantize {FLOAT_MODEL.name}: full-integer int8, calibrated on those frames",
     )
+    if not FLOAT_MODEL.is_file():
+        raise DoorstepError(
+            f"{FLOAT_MODEL}: the float parcel model is not here. It ships in the source tree, "
+            "not in the wheel (a Pi installs only the int8 bundle): run the demo from a checkout "
+            "(scripts/run demo)"
+        )
     args = Namespace(
         model=str(FLOAT_MODEL),
         labels=str(MODELS / "labels.txt"),
