@@ -223,8 +223,15 @@ class Detector:
     def infer(self, frame: np.ndarray | Yuv420Frame) -> tuple[dict[str, Output], Geometry]:
         """Preprocess and invoke; return the raw outputs and the frame geometry."""
         geo = self.prepare(frame).geometry
-        self.interpreter.invoke()
+        self._invoke()
         return self._outputs_now(), geo
+
+    def _invoke(self) -> None:
+        try:
+            self.interpreter.invoke()
+        except RuntimeError as exc:  # a kernel refused the (damaged) model's tensors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.bundle.source}: the model failed to run: {first}") from None
 
     def decode(self, outputs: Mapping[str, Output], geo: Geometry) -> list[Detection]:
         """Threshold, NMS, map boxes back to source pixels."""
@@ -264,7 +271,7 @@ class Detector:
                 "run() was given a stale Prepared: another frame was prepared since"
             )
         t1 = time.perf_counter()
-        self.interpreter.invoke()
+        self._invoke()
         t2 = time.perf_counter()
         outputs = self._outputs_now()
         self._last_outputs = outputs

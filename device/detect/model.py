@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from device.detect.flatbuffer import POSTPROCESS_OP
 from device.detect.runtime import open_interpreter, runtime_version
 from device.hashing import sha256_file
 
-POSTPROCESS_OP = "TFLite_Detection_PostProcess"
 POSTPROCESS_ROLES = ("boxes", "classes", "scores", "count")
 
 

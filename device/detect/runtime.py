@@ -112,7 +112,16 @@ def open_interpreter(
             warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
             interpreter = module.Interpreter(**kwargs)
         interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as exc:
+        # Read what the callers will, here, so that a name the runtime cannot decode or a
+        # table it cannot read fails now, as this one error, rather than later as a traceback.
+        interpreter.get_input_details()
+        interpreter.get_output_details()
+        interpreter.get_signature_list()
+        if inspect:
+            interpreter.get_tensor_details()
+            interpreter._get_ops_details()
+    except (ValueError, RuntimeError, MemoryError, OverflowError, IndexError) as exc:
+        # ValueError includes UnicodeDecodeError; MemoryError is a C++ std::bad_alloc.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{path}: {name} cannot load this model (truncated, corrupt, or an op this "
