@@ -179,3 +179,34 @@ def test_bad_frames_are_refused(frame: np.ndarray, message: str) -> None:
 def test_yuv_buffer_of_wrong_shape_is_refused() -> None:
     with pytest.raises(DetectorError, match="does not fit a 64x48 frame"):
         yuv420_to_bgr(np.zeros((48, 64), np.uint8), 64, 48)
+
+
+def test_a_tie_between_two_levels_feeds_the_pixel_unchanged() -> None:
+    """Mean and std 127.5 with the stored scale float32(1/127.5) and zero point 127 (the default
+    parcel model): every pixel falls halfway between two levels, and the float32 noise in the
+    scale used to pick the lower one from pixel 128 on, which cost a table lookup per frame.
+    Either level is as near; the pixel itself is chosen, and no table is needed."""
+    spec = _spec(
+        scale=float(np.float32(1 / 127.5)),
+        zero_point=127,
+        normalization=Normalization(mean=(127.5,) * 3, std=(127.5,) * 3),
+    )
+    assert value_lut(spec) is None
+    image = np.arange(64 * 64 * 3, dtype=np.int64).reshape(64, 64, 3).astype(np.uint8)
+    tensor, _ = InputTransform(spec)(image)
+    assert np.array_equal(tensor[0], image[:, :, ::-1])  # RGB, values unchanged
+
+
+def test_int8_input_with_zero_point_minus_128_is_one_xor() -> None:
+    """0..1 as int8 (scale 1/255, zero point -128): q = pixel - 128, written through the
+    interpreter's buffer without a table lookup, bit for bit what the table gives."""
+    spec = _spec(dtype="int8", zero_point=-128)
+    lut = value_lut(spec)
+    assert lut is not None and lut.shape == (256,)
+    transform = InputTransform(spec)
+    assert transform._lut_op == ("xor", 0x80)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    out = np.zeros((1, 64, 64, 3), np.int8)
+    transform(image, out=out)
+    expected = image[:, :, ::-1].astype(np.int16) - 128
+    assert np.array_equal(out[0].astype(np.int16), expected)

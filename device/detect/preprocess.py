@@ -100,15 +100,52 @@ def value_lut(spec: InputSpec) -> np.ndarray | None:
     pixels = np.arange(256, dtype=np.float64)[:, None]
     mean = np.asarray(spec.normalization.mean, dtype=np.float64)[None, :]
     std = np.asarray(spec.normalization.std, dtype=np.float64)[None, :]
-    q = np.clip(np.round((pixels - mean) / std / spec.scale + spec.zero_point), lo, hi).astype(
-        np.int64
-    )
+    exact = (pixels - mean) / std / spec.scale + spec.zero_point
+    q = np.round(exact)
+    # A tie (the exact value halfway between two levels, as with mean 127.5 and zero point 127)
+    # is as well served by either level; the float32 noise in the stored scale would otherwise
+    # decide it, a level at a time. Resolve ties toward the pixel value itself, so that such a
+    # model needs no table at all (cv2.LUT costs ~0.14 ms a 300x300 frame on one core).
+    tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-4
+    q = np.where(tie & (np.abs(exact - pixels) < 0.5 + 1e-4), pixels, q)
+    q = np.clip(q, lo, hi).astype(np.int64)
     if spec.dtype == "uint8" and np.array_equal(q, np.repeat(np.arange(256)[:, None], 3, axis=1)):
         return None
     table: np.ndarray = q.astype(np.int8 if spec.dtype == "int8" else np.uint8).view(np.uint8)
     if (table == table[:, :1]).all():
         return np.ascontiguousarray(table[:, 0])  # one table for all channels: twice as fast
     return table.reshape(256, 1, 3)
+
+
+def _lut_op(table: np.ndarray) -> tuple[str, int] | None:
+    """A one-instruction equivalent of a single-channel ``table``, when there is one:
+    ``("xor", m)`` for ``x ^ m`` (uint8 pixels to int8 with zero point -128 is ``x ^ 0x80``),
+    ``("add", c)`` / ``("sub", c)`` for a saturating shift. cv2.LUT costs ~0.14 ms a 300x300
+    frame on one core; these cost ~0.01 ms."""
+    if table.shape != (256,):
+        return None
+    x = np.arange(256)
+    t = table.astype(np.int64)
+    if np.array_equal(t, x ^ int(t[0])):
+        return "xor", int(t[0])
+    shift = int(t[128]) - 128
+    if np.array_equal(t, np.clip(x + shift, 0, 255)):
+        return ("add", shift) if shift >= 0 else ("sub", -shift)
+    return None
+
+
+def apply_lut(
+    src: np.ndarray, table: np.ndarray, op: tuple[str, int] | None, dst: np.ndarray
+) -> None:
+    """``dst = table[src]``, by the cheapest equivalent ``op`` (see :func:`_lut_op`)."""
+    if op is None:
+        cv2.LUT(src, table, dst=dst)
+    elif op[0] == "xor":
+        np.bitwise_xor(src, np.uint8(op[1]), out=dst)
+    elif op[0] == "add":
+        cv2.add(src, np.full(src.shape, op[1], np.uint8), dst=dst)
+    else:
+        cv2.subtract(src, np.full(src.shape, op[1], np.uint8), dst=dst)
 
 
 class InputTransform:
@@ -118,6 +155,7 @@ class InputTransform:
         self.spec = spec
         self.size = (spec.width, spec.height)
         self._lut = value_lut(spec)
+        self._lut_op = None if self._lut is None else _lut_op(self._lut)
         self._swap = spec.channel_order == "RGB"
         self._mean = np.asarray(spec.normalization.mean, dtype=np.float32)
         self._inv_std = 1.0 / np.asarray(spec.normalization.std, dtype=np.float32)
@@ -182,14 +220,15 @@ class InputTransform:
             assert out is not None
             target = out[0].view(np.uint8)  # int8 bytes are written as their uint8 pattern
             if self._lut is not None:
-                cv2.LUT(canvas, self._lut, dst=target)
+                apply_lut(canvas, self._lut, self._lut_op, target)
             else:
                 np.copyto(target, canvas)
             return out, geo
         if self.spec.dtype == "float32":
             tensor = (canvas.astype(np.float32) - self._mean) * self._inv_std
         elif self._lut is not None:
-            tensor = cv2.LUT(canvas, self._lut)
+            tensor = np.empty(canvas.shape, np.uint8)
+            apply_lut(canvas, self._lut, self._lut_op, tensor)
             if self.spec.dtype == "int8":
                 tensor = tensor.view(np.int8)
         else:
