@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from device.detect.model import POSTPROCESS_OP
+from device.detect.flatbuffer import POSTPROCESS_OP
 from device.detect.runtime import open_interpreter
 from device.errors import ModelError
 
