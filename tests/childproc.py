@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a child a test stops with SIGINT or SIGHUP and their default meaning.
+
+    Ignored signals stay ignored across exec, and a shell ignores SIGINT for its background
+    jobs (``nohup`` SIGHUP too): run so, the suite's children would shrug off the Ctrl-C or the
+    hang-up the test sends. A test that means the terminal's defaults restores them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 class LineReader:

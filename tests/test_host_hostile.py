@@ -24,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from childproc import LineReader, stop
+from childproc import LineReader, default_signals, stop
 from paho.mqtt.enums import CallbackAPIVersion
 from test_tools import event
 
@@ -118,6 +118,7 @@ def test_watch_skips_garbage_once_each_and_keeps_printing(mosquitto: Any) -> Non
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_signals,  # Ctrl-C as at a terminal, however the suite was started
         )
         out, err = LineReader(watch.stdout, "watch stdout"), LineReader(watch.stderr, "stderr")
         try:

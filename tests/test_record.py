@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from childproc import default_signals
 
 from device.install import (
     RecordWriteError,
@@ -292,6 +293,7 @@ def test_only_the_daemon_that_wrote_the_record_is_signalled(
     lookalike = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stdin.read()", "doorstep-device", "run"],
         stdin=subprocess.PIPE,
+        preexec_fn=default_signals,  # SIGHUP's default action, even under nohup
     )
     try:
         ticks = process_start_ticks(lookalike.pid)
