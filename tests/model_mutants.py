@@ -31,7 +31,6 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,11 +179,11 @@ class Running:
     pid: int
     fd: int
     started: float
-    label: str
+    meta: dict[str, Any]  # which model and mutant, and the damage done
     buf: bytes = b""
 
 
-def start(path: Path, target: Target, frame: np.ndarray, label: str) -> Running:
+def start(path: Path, target: Target, frame: np.ndarray, meta: dict[str, Any]) -> Running:
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no return from here
@@ -197,7 +196,7 @@ def start(path: Path, target: Target, frame: np.ndarray, label: str) -> Running:
         finally:
             os._exit(0)
     os.close(write_fd)
-    return Running(pid, read_fd, time.monotonic(), label)
+    return Running(pid, read_fd, time.monotonic(), meta)
 
 
 def finish(run: Running, timed_out: bool) -> dict[str, Any]:
@@ -247,10 +246,7 @@ def campaign(
     running: list[Running] = []
     rngs = {t.name: np.random.default_rng([seed, n]) for n, t in enumerate(targets)}
 
-    def queue() -> Iterator[tuple[Target, int]]:
-        yield from plan
-
-    pending = queue()
+    pending = iter(plan)
     exhausted = False
     while running or not exhausted:
         while not exhausted and len(running) < jobs:
@@ -262,9 +258,8 @@ def campaign(
             data, damage = mutate(target, rngs[target.name])
             path = workdir / f"{target.name}-{i}.tflite"
             path.write_bytes(data)
-            run = start(path, target, frame, f"{target.name} #{i}: {damage}")
-            run.label = json.dumps({"model": target.name, "mutant": i, "damage": damage})
-            running.append(run)
+            meta = {"model": target.name, "mutant": i, "damage": damage}
+            running.append(start(path, target, frame, meta))
         ready, _, _ = select.select([r.fd for r in running], [], [], 0.5)
         now = time.monotonic()
         for run in list(running):
@@ -277,7 +272,7 @@ def campaign(
                     run.buf += chunk
                     if not run.buf.endswith(b"\n"):
                         continue
-            result = {**json.loads(run.label), **finish(run, timed_out and run.fd not in ready)}
+            result = {**run.meta, **finish(run, timed_out and run.fd not in ready)}
             running.remove(run)
             path = workdir / f"{result['model']}-{result['mutant']}.tflite"
             if keep is not None and result["outcome"] in BAD:

@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -538,22 +538,6 @@ def test_a_device_with_a_garbage_record_is_refused_and_the_others_deploy(lab: La
     assert "invalid record" in rows["door3"]["last_event"]
 
 
-def _device(d: Any) -> Any:
-    from host.fleet.inventory import Device
-
-    return Device(
-        name=d.name,
-        host=d.host,
-        device_id=d.name,
-        user=d.user,
-        port=d.port,
-        key_file=d.key_file,
-        known_hosts=d.known_hosts,
-        state_dir=PurePosixPath(d.state_dir),
-        python=d.python,
-    )
-
-
 def test_the_health_gate_reads_a_hostile_record_as_that_devices_error(
     ssh_fleet: SshFleet, tmp_path: Path
 ) -> None:
@@ -607,7 +591,7 @@ def test_the_health_gate_reads_a_hostile_record_as_that_devices_error(
     async def go() -> dict[str, Any]:
         seen: dict[str, Any] = {}
         async with connect(device) as conn:
-            remote = RemoteDoorstep(conn, _device(device))
+            remote = RemoteDoorstep(conn, device.inventory_device())
             for kind in [*expected, "good"]:
                 plant(kind)
                 seen[kind] = await asyncio.wait_for(remote.daemon(), timeout=30)

@@ -204,7 +204,7 @@ def test_int8_input_with_zero_point_minus_128_is_one_xor() -> None:
     lut = value_lut(spec)
     assert lut is not None and lut.shape == (256,)
     transform = InputTransform(spec)
-    assert transform._lut_op == ("xor", 0x80)
+    assert transform._xor == 0x80
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     out = np.zeros((1, 64, 64, 3), np.int8)
     transform(image, out=out)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_install import variant
 
 from device.bundle.signing import bundle_id, generate_keypair, key_id, sign_bundle
 from device.bundle.store import load_bundle, pack_bundle
@@ -32,15 +33,6 @@ from device.install import Store, activate, install, prune, rollback, trusted_ke
 from device.models import DEFAULT_BUNDLE
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def variant(tmp_path: Path, version: str) -> Path:
-    out = tmp_path / f"bundle-{version}"
-    shutil.copytree(DEFAULT_BUNDLE, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["version"] = version
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
 
 
 def sha(path: Path) -> str:

@@ -16,7 +16,7 @@ from device.detect.decoders import DECODERS, Candidates, Output
 from device.detect.model import tensor_facts
 from device.detect.nms import nms
 from device.detect.preprocess import Geometry, InputTransform, Yuv420Frame
-from device.detect.runtime import open_interpreter, runtime_version
+from device.detect.runtime import first_line, open_interpreter, runtime_version
 from device.errors import CollapsedScoresError, DetectorError, LabelsError, ModelError
 
 
@@ -230,8 +230,9 @@ class Detector:
         try:
             self.interpreter.invoke()
         except RuntimeError as exc:  # a kernel refused the (damaged) model's tensors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.bundle.source}: the model failed to run: {first}") from None
+            raise ModelError(
+                f"{self.bundle.source}: the model failed to run: {first_line(exc)}"
+            ) from None
 
     def decode(self, outputs: Mapping[str, Output], geo: Geometry) -> list[Detection]:
         """Threshold, NMS, map boxes back to source pixels."""

@@ -117,35 +117,22 @@ def value_lut(spec: InputSpec) -> np.ndarray | None:
     return table.reshape(256, 1, 3)
 
 
-def _lut_op(table: np.ndarray) -> tuple[str, int] | None:
-    """A one-instruction equivalent of a single-channel ``table``, when there is one:
-    ``("xor", m)`` for ``x ^ m`` (uint8 pixels to int8 with zero point -128 is ``x ^ 0x80``),
-    ``("add", c)`` / ``("sub", c)`` for a saturating shift. cv2.LUT costs ~0.14 ms a 300x300
-    frame on one core; these cost ~0.01 ms."""
+def xor_mask(table: np.ndarray) -> int | None:
+    """``m`` when a single-channel ``table`` is ``x ^ m``: uint8 pixels to an int8 input with
+    zero point -128 is ``x ^ 0x80``. One xor costs ~0.01 ms a 300x300 frame on one core,
+    cv2.LUT ~0.14 ms."""
     if table.shape != (256,):
         return None
-    x = np.arange(256)
-    t = table.astype(np.int64)
-    if np.array_equal(t, x ^ int(t[0])):
-        return "xor", int(t[0])
-    shift = int(t[128]) - 128
-    if np.array_equal(t, np.clip(x + shift, 0, 255)):
-        return ("add", shift) if shift >= 0 else ("sub", -shift)
-    return None
+    mask = int(table[0])
+    return mask if np.array_equal(table, np.arange(256) ^ mask) else None
 
 
-def apply_lut(
-    src: np.ndarray, table: np.ndarray, op: tuple[str, int] | None, dst: np.ndarray
-) -> None:
-    """``dst = table[src]``, by the cheapest equivalent ``op`` (see :func:`_lut_op`)."""
-    if op is None:
+def apply_lut(src: np.ndarray, table: np.ndarray, mask: int | None, dst: np.ndarray) -> None:
+    """``dst = table[src]``, as one xor when the table is one (see :func:`xor_mask`)."""
+    if mask is None:
         cv2.LUT(src, table, dst=dst)
-    elif op[0] == "xor":
-        np.bitwise_xor(src, np.uint8(op[1]), out=dst)
-    elif op[0] == "add":
-        cv2.add(src, np.full(src.shape, op[1], np.uint8), dst=dst)
     else:
-        cv2.subtract(src, np.full(src.shape, op[1], np.uint8), dst=dst)
+        np.bitwise_xor(src, np.uint8(mask), out=dst)
 
 
 class InputTransform:
@@ -155,7 +142,7 @@ class InputTransform:
         self.spec = spec
         self.size = (spec.width, spec.height)
         self._lut = value_lut(spec)
-        self._lut_op = None if self._lut is None else _lut_op(self._lut)
+        self._xor = None if self._lut is None else xor_mask(self._lut)
         self._swap = spec.channel_order == "RGB"
         self._mean = np.asarray(spec.normalization.mean, dtype=np.float32)
         self._inv_std = 1.0 / np.asarray(spec.normalization.std, dtype=np.float32)
@@ -220,7 +207,7 @@ class InputTransform:
             assert out is not None
             target = out[0].view(np.uint8)  # int8 bytes are written as their uint8 pattern
             if self._lut is not None:
-                apply_lut(canvas, self._lut, self._lut_op, target)
+                apply_lut(canvas, self._lut, self._xor, target)
             else:
                 np.copyto(target, canvas)
             return out, geo
@@ -228,7 +215,7 @@ class InputTransform:
             tensor = (canvas.astype(np.float32) - self._mean) * self._inv_std
         elif self._lut is not None:
             tensor = np.empty(canvas.shape, np.uint8)
-            apply_lut(canvas, self._lut, self._lut_op, tensor)
+            apply_lut(canvas, self._lut, self._xor, tensor)
             if self.spec.dtype == "int8":
                 tensor = tensor.view(np.int8)
         else:

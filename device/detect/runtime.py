@@ -59,6 +59,12 @@ def runtime_version(runtime: str) -> str:
         return f"{dist} (version unknown)"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of what a runtime raised (TFLite's messages run on with node details)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_tflite_file(path: Path) -> None:
     """Refuse a missing, empty, or non-TFLite file before a runtime sees it."""
     if not path.exists():
@@ -122,7 +128,7 @@ def open_interpreter(
             interpreter._get_ops_details()
     except (ValueError, RuntimeError, MemoryError, OverflowError, IndexError) as exc:
         # ValueError includes UnicodeDecodeError; MemoryError is a C++ std::bad_alloc.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"{path}: {name} cannot load this model (truncated, corrupt, or an op this "
             f"runtime lacks): {first}"

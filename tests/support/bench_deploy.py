@@ -57,18 +57,7 @@ def _bundles(root: Path, key: Path, count: int) -> list[BundleInfo]:
 
 def _devices(fleet: SshFleet, daemons: Sequence[DoorbellDaemon]) -> list[Device]:
     return [
-        Device(
-            name=d.name,
-            host=d.host,
-            device_id=d.name,
-            user=d.user,
-            port=d.port,
-            key_file=d.key_file,
-            known_hosts=fleet.known_hosts,
-            state_dir=PurePosixPath(d.state_dir),
-            config=PurePosixPath(dm.config),
-            python=d.python,
-        )
+        d.inventory_device(known_hosts=fleet.known_hosts, config=PurePosixPath(dm.config))
         for d, dm in zip(fleet.devices, daemons, strict=True)
     ]
 

@@ -28,10 +28,11 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from host.fleet.inventory import Device
     from host.fleet.ssh import Target
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (for PYTHONPATH)
@@ -193,6 +194,23 @@ class SshDevice:
             "known_hosts": self.known_hosts,
         }
         return Target(**{**fields, **changes})
+
+    def inventory_device(self, **changes: Any) -> Device:
+        """This device as the fleet inventory's ``host.fleet.inventory.Device``."""
+        from host.fleet.inventory import Device
+
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "host": self.host,
+            "device_id": self.name,
+            "user": self.user,
+            "port": self.port,
+            "key_file": self.key_file,
+            "known_hosts": self.known_hosts,
+            "state_dir": PurePosixPath(self.state_dir),
+            "python": self.python,
+        }
+        return Device(**{**fields, **changes})
 
     def fleet_entry(self, **extra: Any) -> dict[str, Any]:
         """This device as a ``devices:`` entry of fleet.yaml (plain YAML-able values)."""
