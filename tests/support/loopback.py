@@ -185,7 +185,10 @@ class SshDevice:
         """This device as a ``host.fleet.ssh.Target``, with any field changed."""
         from host.fleet.ssh import Target
 
-        fields: dict[str, Any] = {
+        return Target(**{**self._ssh_fields(), **changes})
+
+    def _ssh_fields(self) -> dict[str, Any]:
+        return {
             "name": self.name,
             "host": self.host,
             "port": self.port,
@@ -193,20 +196,14 @@ class SshDevice:
             "key_file": self.key_file,
             "known_hosts": self.known_hosts,
         }
-        return Target(**{**fields, **changes})
 
     def inventory_device(self, **changes: Any) -> Device:
         """This device as the fleet inventory's ``host.fleet.inventory.Device``."""
         from host.fleet.inventory import Device
 
-        fields: dict[str, Any] = {
-            "name": self.name,
-            "host": self.host,
+        fields = {
+            **self._ssh_fields(),
             "device_id": self.name,
-            "user": self.user,
-            "port": self.port,
-            "key_file": self.key_file,
-            "known_hosts": self.known_hosts,
             "state_dir": PurePosixPath(self.state_dir),
             "python": self.python,
         }
