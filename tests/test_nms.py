@@ -1,8 +1,18 @@
+"""Non-maximum suppression and SSD box decoding, both of which take a plain-Python path for
+the few candidates of a doorbell frame and numpy for many."""
+
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from device.detect.nms import box_iou, nms
+import numpy as np
+import pytest
+
+from device.bundle.manifest import DecoderSpec, SsdParams, TensorSpec
+from device.detect.decoders.base import Output
+from device.detect.decoders.ssd_raw import SsdRawDecoder, decode_ssd_boxes
+from device.detect.nms import SMALL, _nms_small, box_iou, nms
+from device.errors import DetectorError
 
 
 def _reference_nms(
@@ -49,3 +59,56 @@ def test_matches_textbook_nms_on_random_boxes() -> None:
         classes = rng.integers(0, 3, n)
         got = nms(boxes, scores, classes, 0.45, 1000).tolist()
         assert got == _reference_nms(boxes, scores, classes, 0.45)
+
+
+@pytest.mark.parametrize("n", [2, 5, SMALL, SMALL + 1, 70])
+def test_python_and_numpy_paths_keep_the_same_boxes(n: int) -> None:
+    """Up to ``SMALL`` candidates NMS runs in plain Python, above in numpy: same answer."""
+    rng = np.random.default_rng(n)
+    for _ in range(30):
+        xy = rng.uniform(0, 60, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (n, 2))], axis=1).astype(np.float32)
+        scores, classes = rng.uniform(0, 1, n), rng.integers(0, 2, n)
+        small = _nms_small(boxes.tolist(), scores.tolist(), classes.tolist(), 0.45, 1000)
+        assert small == _reference_nms(boxes, scores, classes, 0.45)
+        assert nms(boxes, scores, classes, 0.45, 1000).tolist() == small
+        assert _nms_small(boxes.tolist(), scores.tolist(), classes.tolist(), 0.45, 2) == small[:2]
+        assert _nms_small(boxes.tolist(), scores.tolist(), classes.tolist(), 0.45, 0) == []
+
+
+def test_ssd_box_decoding_in_python_matches_numpy(tmp_path: Path) -> None:
+    """The SSD decoder decodes up to ``SMALL`` boxes in plain Python, more in numpy."""
+    rng = np.random.default_rng(5)
+    n = 3 * SMALL
+    anchors = np.concatenate(
+        [rng.uniform(0, 1, (n, 2)), rng.uniform(0.05, 0.5, (n, 2))], axis=1
+    ).astype(np.float32)
+    np.save(tmp_path / "anchors.npy", anchors)
+    spec = DecoderSpec(
+        kind="ssd_raw",
+        outputs={
+            "boxes": TensorSpec(name="b", shape=[1, n, 4], dtype="float32"),
+            "scores": TensorSpec(name="s", shape=[1, n, 2], dtype="float32"),
+        },
+        ssd=SsdParams(score_activation="sigmoid", background_class=True),
+    )
+    decoder = SsdRawDecoder(spec, (320, 240), 1, lambda name: tmp_path / name)
+    enc = rng.normal(0, 2, (n, 4)).astype(np.float32)
+    logits = rng.normal(0, 2, (n, 2)).astype(np.float32)
+    outputs = {"boxes": Output("b", enc), "scores": Output("s", logits)}
+    for count in (3, SMALL, SMALL + 1, n):  # the best `count` anchors pass the threshold
+        cut = float(np.sort(logits[:, 1])[-count])
+        cand = decoder.decode(outputs, 1 / (1 + np.exp(-cut)) - 1e-6)
+        keep = np.flatnonzero(logits[:, 1] >= cut)
+        assert len(cand) == count == len(keep)
+        expected = decode_ssd_boxes(enc[keep], anchors[keep], (10.0, 10.0, 5.0, 5.0))
+        np.testing.assert_allclose(
+            cand.boxes, expected * [320, 240, 320, 240], rtol=1e-5, atol=1e-3
+        )
+        np.testing.assert_allclose(cand.scores, 1 / (1 + np.exp(-logits[keep, 1])), rtol=1e-5)
+    nothing = decoder.decode(outputs, 0.9999999)
+    assert len(nothing) == 0 and nothing.boxes.shape == (0, 4)
+    broken = logits.copy()
+    broken[7, 1] = np.nan
+    with pytest.raises(DetectorError, match="NaN or inf"):
+        decoder.decode({"boxes": outputs["boxes"], "scores": Output("s", broken)}, 0.5)

@@ -117,7 +117,7 @@ def test_raw_ssd_decoder_agrees_with_the_models_own_postprocess(
         zip(
             cand.scores[keep].tolist(),
             cand.class_ids[keep].tolist(),
-            geo.to_source(cand.boxes[keep]).tolist(),
+            [geo.box_to_source(b) for b in cand.boxes[keep].tolist()],
             strict=True,
         ),
         reverse=True,

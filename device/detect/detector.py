@@ -240,25 +240,24 @@ class Detector:
         if not len(cand):
             return []  # the common frame: nothing there
         if self.decoder.needs_nms:
-            cand = cand.take(
-                nms(
-                    cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections
-                )
+            kept = nms(
+                cand.boxes, cand.scores, cand.class_ids, self.iou_threshold, self.max_detections
             )
+            if kept.tolist() != list(range(len(cand))):  # else all kept, already best first
+                cand = cand.take(kept)
         elif len(cand) > self.max_detections:
             cand = cand.take(np.argsort(-cand.scores, kind="stable")[: self.max_detections])
-        boxes = geo.to_source(cand.boxes)
         names = self.labels
         out = []
         for box, score, cid in zip(
-            boxes.tolist(), cand.scores.tolist(), cand.class_ids.tolist(), strict=True
+            cand.boxes.tolist(), cand.scores.tolist(), cand.class_ids.tolist(), strict=True
         ):
             if not 0 <= cid < len(names):
                 raise LabelsError(
                     f"model predicted class id {cid} but the labels name only {len(names)} classes "
                     f"(0..{len(names) - 1}): wrong label file for {self.bundle.source}"
                 )
-            out.append(Detection(names[cid], cid, float(score), tuple(box)))
+            out.append(Detection(names[cid], cid, float(score), geo.box_to_source(box)))
         return out
 
     def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:

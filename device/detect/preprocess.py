@@ -72,17 +72,20 @@ class Geometry:
     pad_x: float
     pad_y: float
 
-    def to_source(self, boxes: np.ndarray) -> np.ndarray:
-        """Map ``[N, 4]`` xyxy boxes on the input canvas to source pixels, clipped to the frame."""
-        out = np.empty_like(boxes, dtype=np.float32)
-        xs, ys = out[:, 0::2], out[:, 1::2]  # views: written in place, no gathers
-        np.subtract(boxes[:, 0::2], self.pad_x, out=xs)
-        xs /= self.scale_x
-        np.subtract(boxes[:, 1::2], self.pad_y, out=ys)
-        ys /= self.scale_y
-        np.clip(xs, 0, self.src_w, out=xs)
-        np.clip(ys, 0, self.src_h, out=ys)
-        return out
+    def box_to_source(self, box: list[float]) -> tuple[float, float, float, float]:
+        """Map one xyxy box on the input canvas to source pixels, clipped to the frame.
+
+        Plain floats: it runs for the few boxes left after NMS, where numpy's per-call cost
+        would exceed the arithmetic."""
+        x1, y1, x2, y2 = box
+        w, h = float(self.src_w), float(self.src_h)
+        sx, sy, px, py = self.scale_x, self.scale_y, self.pad_x, self.pad_y
+        return (
+            min(max((x1 - px) / sx, 0.0), w),
+            min(max((y1 - py) / sy, 0.0), h),
+            min(max((x2 - px) / sx, 0.0), w),
+            min(max((y2 - py) / sy, 0.0), h),
+        )
 
 
 def value_lut(spec: InputSpec) -> np.ndarray | None:
@@ -200,9 +203,13 @@ class InputTransform:
                 else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
             )
         self.canvas = canvas  # the frame at the model's size, BGR uint8 (motion gating)
+        direct = out is not None and self.spec.layout == "NHWC" and self.spec.dtype != "float32"
+        if direct and self._swap and self._lut is None:  # the common uint8 RGB model: one pass
+            assert out is not None
+            cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB, dst=out[0])
+            return out, geo
         if self._swap:
             canvas = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB, dst=self._rgb)
-        direct = out is not None and self.spec.layout == "NHWC" and self.spec.dtype != "float32"
         if direct:
             assert out is not None
             target = out[0].view(np.uint8)  # int8 bytes are written as their uint8 pattern

@@ -6,6 +6,7 @@ scale factors (10, 10, 5, 5), as the TF Object Detection API and TFLite's post-p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from device.bundle.manifest import DecoderSpec, SsdParams
 from device.detect.decoders.base import Candidates, Decoder, Output, require_finite
+from device.detect.nms import SMALL
 from device.errors import BundleError
 
 
@@ -47,6 +49,7 @@ class SsdRawDecoder(Decoder):
         if self.anchors.ndim != 2 or self.anchors.shape[1] != 4:
             raise BundleError(f"{path}: anchors must be [N, 4], got {list(self.anchors.shape)}")
         self._first = 1 if self.params.background_class else 0
+        self._raw_thresholds: dict[tuple[float, float | None, int], float] = {}
         boxes = spec.outputs.get("boxes")
         predicted = (
             boxes.shape[-2] if boxes is not None and len(boxes.shape) >= 2 else len(self.anchors)
@@ -91,16 +94,32 @@ class SsdRawDecoder(Decoder):
         else:
             best = raw.argmax(axis=1)
             best_raw = np.take_along_axis(raw, best[:, None], axis=1)[:, 0]
-        if scores.scale is None:  # float outputs: NaN or inf (a broken model) reach the max
-            require_finite(best_raw.max(keepdims=True), scores)
-        keep = np.flatnonzero(
-            best_raw >= scores.raw_threshold(self._stored_threshold(score_threshold))
-        )
-        if not keep.size:  # the common frame: nothing above the threshold
-            return keep, keep, np.zeros(0, dtype=np.float32)
-        real = scores.real(best_raw[keep])
-        if self.params.score_activation == "sigmoid":
-            real = 1.0 / (1.0 + np.exp(-real))
+        threshold = self._raw_thresholds.get((score_threshold, scores.scale, scores.zero_point))
+        if threshold is None:
+            threshold = scores.raw_threshold(self._stored_threshold(score_threshold))
+            self._raw_thresholds[(score_threshold, scores.scale, scores.zero_point)] = threshold
+        # One pass over the scores answers both questions of the common frame: NaN or inf (a
+        # broken float model) reach the max, and a max below the threshold means nothing is there.
+        top = float(best_raw.max()) if best_raw.size else -math.inf
+        if scores.scale is None and best_raw.size and not math.isfinite(top):
+            require_finite(best_raw, scores)
+        if not top >= threshold:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0, dtype=np.float32)
+        keep = np.flatnonzero(best_raw >= threshold)
+        sigmoid = self.params.score_activation == "sigmoid"
+        if keep.size <= SMALL:  # a few survivors: plain floats (see device.detect.nms.SMALL)
+            values = best_raw[keep].tolist()
+            if scores.scale is not None:
+                zp, sc = scores.zero_point, scores.scale
+                values = [(v - zp) * sc for v in values]
+            if sigmoid:  # exp(-v) overflows only far below any threshold but 0
+                values = [1.0 / (1.0 + math.exp(min(-v, 700.0))) for v in values]
+            real = np.array(values, dtype=np.float32)
+        else:
+            real = scores.real(best_raw[keep])
+            if sigmoid:
+                real = 1.0 / (1.0 + np.exp(-real))
         classes = np.zeros(len(keep), dtype=np.int64) if best is None else best[keep]
         return keep, classes, real
 
@@ -120,14 +139,39 @@ class SsdRawDecoder(Decoder):
             keep, best, best_score = self._keep_monotonic(score_out, score_threshold)
         if not keep.size:
             return Candidates.empty()
-        enc = enc_out.real(enc_out.data.reshape(-1, 4)[keep])
-        require_finite(enc, enc_out)
-        boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
-        return Candidates(
-            (boxes * self._scale).astype(np.float32),
-            best_score.astype(np.float32),
-            best.astype(np.int64),
-        )
+        if keep.size <= SMALL:
+            boxes = self._decode_small(enc_out, keep)
+        else:
+            enc = enc_out.real(enc_out.data.reshape(-1, 4)[keep])
+            require_finite(enc, enc_out)
+            boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
+            boxes = (boxes * self._scale).astype(np.float32)
+        return Candidates(boxes, best_score.astype(np.float32), best.astype(np.int64))
+
+    def _decode_small(self, enc_out: Output, keep: np.ndarray) -> np.ndarray:
+        """:func:`decode_ssd_boxes` and the scaling to canvas pixels, for a few boxes in plain
+        Python (see ``device.detect.nms.SMALL``)."""
+        rows = enc_out.data.reshape(-1, 4)[keep]
+        enc = rows.tolist()
+        if enc_out.scale is not None:
+            zp, sc = enc_out.zero_point, enc_out.scale
+            enc = [[(v - zp) * sc for v in row] for row in enc]
+        elif not all(math.isfinite(v) for row in enc for v in row):
+            require_finite(rows, enc_out)
+        sy, sx, sh, sw = self.params.scale_factors
+        width, height = float(self.width), float(self.height)
+        out = []
+        for (ty, tx, th, tw), (ya, xa, ha, wa) in zip(
+            enc, self.anchors[keep].tolist(), strict=True
+        ):
+            yc, xc = ty / sy * ha + ya, tx / sx * wa + xa
+            # exp() past ~709 overflows where numpy gives inf; either way the box is clipped
+            # to the frame later.
+            hh, hw = math.exp(min(th / sh, 80.0)) * ha / 2, math.exp(min(tw / sw, 80.0)) * wa / 2
+            out.append(
+                ((xc - hw) * width, (yc - hh) * height, (xc + hw) * width, (yc + hh) * height)
+            )
+        return np.array(out, dtype=np.float32)
 
     def peak_score(self, outputs: Mapping[str, Output]) -> float:
         _, best_score = self._class_scores(outputs["scores"])
