@@ -11,9 +11,10 @@ from typing import Any
 
 from device import __version__
 from device.cliutil import formatter, parse_threads, run
+from device.configpath import config_path, find_config, user_state_dir
 from device.errors import DoorstepError
 
-DEFAULT_CONFIG = "/etc/doorstep/device.yaml"
+CONFIG_HELP = "default: $DOORSTEP_CONFIG, else /etc/doorstep/device.yaml"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -75,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a model's inputs, outputs, quantization, ops and manifest",
         description="Show what a model or bundle holds: input and output tensors with "
         "dtypes and quantization, op counts, the detected output layout, the manifest.",
-        epilog="examples:\n  doorstep-device inspect detect.tflite --labels labels.txt\n"
+        epilog="examples:\n  doorstep-device inspect\n"
+        "  doorstep-device inspect detect.tflite --labels labels.txt\n"
         "  doorstep-device inspect model-bundle/ --json",
     )
-    p.add_argument("model", metavar="MODEL_OR_BUNDLE")
+    p.add_argument(
+        "model",
+        metavar="MODEL_OR_BUNDLE",
+        nargs="?",
+        help="default: the model this device runs (the config's model.path, else the active "
+        "bundle), else the shipped parcel model",
+    )
+    p.add_argument("--config", metavar="FILE", help="for the default model; " + CONFIG_HELP)
     p.add_argument(
         "--labels", metavar="FILE", help="label file (checks the class count, for a bare .tflite)"
     )
@@ -166,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  doorstep-device run --config /etc/doorstep/device.yaml\n"
         "  doorstep-device run --config configs/device.yaml --source clip.mp4 --broker mqtt://127.0.0.1:1883",
     )
-    p.add_argument("--config", default="configs/device.yaml", metavar="FILE")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument(
         "--source", metavar="URI", help="image folder, video file, camera index or stream URL"
     )
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  doorstep-device capture --count 200 --every 2 --out calib/\n"
         "  doorstep-device capture --source rtsp://cam.local/stream --count 50 --out frames/",
     )
-    p.add_argument("--config", default="configs/device.yaml", metavar="FILE")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--source", metavar="URI", help="video file, folder, camera index or stream URL")
     p.add_argument("--count", type=int, required=True, metavar="N", help="frames to save")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (created)")
@@ -266,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sha256", required=True, help="sha256 of the uploaded tar")
         if name == "prune":
             p.add_argument("--keep", type=int, default=3, metavar="K", help="default: 3")
-        p.add_argument("--config", metavar="FILE", help="device.yaml (state_dir, signing keys)")
+        p.add_argument(
+            "--config", metavar="FILE", help="device.yaml (state_dir, signing keys); " + CONFIG_HELP
+        )
         p.add_argument("--state-dir", metavar="DIR", help="overrides the config's state_dir")
         if name in ("install", "activate", "rollback"):
             p.add_argument(
@@ -286,6 +297,57 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser(
+        "init",
+        formatter_class=formatter,
+        help="write a commented device.yaml from the shipped template",
+        description="Write the shipped, commented device.yaml with this doorbell's values: its "
+        "device id, broker and camera. The result is validated before it is written; an "
+        "existing file is never replaced unless --force (the old one is kept as .bak).",
+        epilog="examples:\n"
+        "  sudo doorstep-device init --device-id front-door --broker mqtt://192.168.1.20:1883\n"
+        "  doorstep-device init --config ~/doorbell.yaml --source 0 --broker none\n"
+        "  doorstep-device init --config test.yaml --source rtsp://cam.local/stream",
+    )
+    p.add_argument("--config", metavar="FILE", help="where to write it; " + CONFIG_HELP)
+    p.add_argument("--device-id", metavar="ID", help="default: this machine's host name")
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="mqtt://host[:port] or mqtts://...; `none`: no broker, events only logged "
+        "(default: the template's mqtt://127.0.0.1:1883)",
+    )
+    p.add_argument(
+        "--source",
+        metavar="picamera2|URI",
+        help="picamera2 (the default: the Pi camera), or a USB camera index, an rtsp:// or "
+        "http:// stream or a video file, read with OpenCV",
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="default: /var/lib/doorstep")
+    p.add_argument("--force", action="store_true", help="replace an existing file (kept as .bak)")
+
+    p = sub.add_parser(
+        "unit",
+        formatter_class=formatter,
+        help="print or install the systemd unit",
+        description="Print the shipped systemd unit, its ExecStart pointing at this install's "
+        "doorstep-device, or write it into a directory (--write; never replaces an existing one "
+        "unless --force).",
+        epilog="examples:\n  doorstep-device unit\n"
+        "  sudo /opt/doorstep/bin/doorstep-device unit --write /etc/systemd/system",
+    )
+    p.add_argument("--write", metavar="DIR", help="write DIR/doorstep-device.service")
+    p.add_argument("--force", action="store_true", help="replace an existing file (kept as .bak)")
+
+    p = sub.add_parser(
+        "config-path",
+        formatter_class=formatter,
+        help="print which device.yaml the commands read",
+        description="Print the config file the commands use when --config is not given: "
+        "$DOORSTEP_CONFIG, else /etc/doorstep/device.yaml when it exists (exit 2 when neither).",
+        epilog="example:\n  doorstep-device config-path",
+    )
+
+    p = sub.add_parser(
         "check-config",
         formatter_class=formatter,
         help="validate a device.yaml, or print its JSON Schema",
@@ -296,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  doorstep-device check-config configs/device.yaml\n"
         "  doorstep-device check-config --schema > device.schema.json",
     )
-    p.add_argument("config", metavar="FILE", nargs="?", help="the device.yaml to validate")
+    p.add_argument(
+        "config", metavar="FILE", nargs="?", help="the device.yaml to validate; " + CONFIG_HELP
+    )
     p.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of device.yaml and exit"
     )
@@ -321,10 +385,31 @@ def _expand_images(items: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _running_model(config: str | None) -> Path:
+    """What the daemon would run: the config's model, else the active bundle, else the shipped
+    one (the first of :func:`device.detect.checked.model_candidates`)."""
+    from device.models import default_bundle
+
+    path = find_config(config)
+    if path is not None:
+        from device.config import load_config
+        from device.detect.checked import model_candidates
+
+        cfg = load_config(path)
+        first = model_candidates(cfg.model, Path(cfg.state_dir))[0]
+        if first is not None:
+            return first
+    return default_bundle()
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from device.inspect import inspect_model
 
-    report = inspect_model(args.model, labels=args.labels, runtime=args.runtime)
+    model = args.model
+    if model is None:
+        model = _running_model(args.config)
+        print(f"inspecting {model}", file=sys.stderr)
+    report = inspect_model(model, labels=args.labels, runtime=args.runtime)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -476,11 +561,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(config_schema(), indent=2))
         return 0
-    if args.config is None:
-        raise DoorstepError("check-config: give a FILE to validate (or --schema)")
-    cfg = load_config(args.config)
+    path = config_path(args.config)
+    cfg = load_config(path)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    print(f"{args.config}: valid", file=sys.stderr)
+    print(f"{path}: valid", file=sys.stderr)
     return 0
 
 
@@ -521,10 +605,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["device_id"] = args.device_id
     if args.state_dir:
         overrides["state_dir"] = str(Path(args.state_dir).resolve())
-    cfg = load_config(args.config, overrides)
+    path = config_path(args.config)
+    cfg = load_config(path, overrides)
+    own = None if args.state_dir else user_state_dir(Path(cfg.state_dir))
+    if own is not None:
+        print(
+            f"doorstep: {cfg.state_dir} is not writable by this user: keeping state in {own} "
+            "(--state-dir or state_dir to choose)",
+            file=sys.stderr,
+        )
+        overrides["state_dir"] = str(own)
+        cfg = load_config(path, overrides)
     stop, reload = threading.Event(), threading.Event()
     install_signal_handlers(stop, reload)
-    return run(cfg, stop, reload, lambda: load_config(args.config, overrides), args.log_format)
+    return run(cfg, stop, reload, lambda: load_config(path, overrides), args.log_format)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -541,10 +635,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     cfg_source: SourceConfig | None = (
         source_config(_source_overrides(args)["source"])  # no config file needed
         if args.source
-        else load_config(args.config).source
+        else load_config(config_path(args.config)).source
     )
     if cfg_source is None:
-        raise DoorstepError(f"{args.config}: no `source` configured; pass --source")
+        raise DoorstepError(f"{config_path(args.config)}: no `source` configured; pass --source")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -581,9 +675,8 @@ def _store_args(args: argparse.Namespace) -> tuple[Any, list[Any], str]:
     keys_files: list[Path] = [Path(k) for k in getattr(args, "public_key", [])]
     service = "doorstep-device"
     state_dir = Path(args.state_dir) if args.state_dir else None
-    config = args.config
-    if config is None and Path(DEFAULT_CONFIG).is_file():
-        config = DEFAULT_CONFIG  # the service's own config: its signing keys always apply
+    # The service's own config, when there is one: its signing keys always apply.
+    config = find_config(args.config)
     if config:
         from device.config import load_config  # pydantic: only when there is a config to read
 
@@ -696,7 +789,53 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from device.configpath import init_target
+    from device.init import render_config, write_new
+
+    target = init_target(args.config)
+    state_dir = str(Path(args.state_dir).resolve()) if args.state_dir else None
+    text = render_config(args.device_id, args.broker, args.source, state_dir)
+    written = write_new(target, text.encode(), args.force)
+    from device.config import load_config
+
+    cfg = load_config(written.path)
+    broker = cfg.mqtt.url if cfg.mqtt else "none (events only logged)"
+    source: str = cfg.source.type if cfg.source else "none"
+    if cfg.source is not None and cfg.source.type == "opencv":
+        source = f"opencv {cfg.source.uri}"
+    kept = f"; the old one is {written.backup}" if written.backup else ""
+    print(f"wrote {written.path}{kept}")
+    print(f"  device_id {cfg.device_id}, broker {broker}, source {source}, state {cfg.state_dir}")
+    print(f"check it: doorstep-device check-config {written.path}")
+    return 0
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    from device.init import render_unit, unit_warnings, write_new
+
+    text = render_unit()
+    for problem in unit_warnings(sys.prefix):
+        print(f"doorstep-device: warning: {problem}", file=sys.stderr)
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    written = write_new(Path(args.write) / "doorstep-device.service", text.encode(), args.force)
+    kept = f"; the old one is {written.backup}" if written.backup else ""
+    print(f"wrote {written.path}{kept}")
+    print("then: sudo systemctl daemon-reload && sudo systemctl enable --now doorstep-device")
+    return 0
+
+
+def cmd_config_path(args: argparse.Namespace) -> int:
+    print(config_path(None))
+    return 0
+
+
 COMMANDS = {
+    "init": cmd_init,
+    "unit": cmd_unit,
+    "config-path": cmd_config_path,
     "inspect": cmd_inspect,
     "detect": cmd_detect,
     "bench": cmd_bench,

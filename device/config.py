@@ -13,6 +13,7 @@ key" file that holds no key, an empty path.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -365,6 +366,17 @@ def config_schema() -> dict[str, Any]:
     schema = DeviceConfig.model_json_schema()
     schema["title"] = "doorstep device.yaml"
     return schema
+
+
+def config_from_text(text: str, where: str) -> DeviceConfig:
+    """Validate a config held in memory (``doorstep-device init`` checks what it writes)."""
+    with tempfile.TemporaryDirectory(prefix="doorstep-config-") as tmp:
+        path = Path(tmp) / "device.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            return load_config(path)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(str(path), where)) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DeviceConfig:

@@ -21,11 +21,20 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _owner(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return "?"
-    return f"uid {st.st_uid}, mode {st.st_mode & 0o7777:o}"
+    """Who owns ``path``, or, when it is missing, the nearest directory above it that exists."""
+    found = path
+    while True:
+        try:
+            st = found.stat()
+        except FileNotFoundError:
+            if found == found.parent:
+                return "?"
+            found = found.parent
+            continue
+        except OSError:
+            return "?"
+        where = "" if found == path else f"missing; {found} above it: "
+        return f"{where}uid {st.st_uid}, mode {st.st_mode & 0o7777:o}"
 
 
 def check_writable(directory: Path, what: str, fix: str) -> str | None:
@@ -50,7 +59,9 @@ def check_writable(directory: Path, what: str, fix: str) -> str | None:
     except OSError as exc:
         if exc.errno in NO_SPACE:
             return f"{directory}: {exc.strerror}"
-        raise ConfigError(f"{directory}: the {what} cannot be written: {exc.strerror}; {fix}") from None
+        raise ConfigError(
+            f"{directory}: the {what} cannot be written: {exc.strerror}; {fix}"
+        ) from None
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):

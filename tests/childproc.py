@@ -9,13 +9,40 @@ child that writes a lot to a pipe nobody reads can never block on a full pipe bu
 from __future__ import annotations
 
 import json
+import os
 import queue
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
+
+NOBODY = 65534
+
+
+def as_nobody(cwd: Path) -> list[str]:
+    """The command prefix that runs a child as user nobody (uid and gid 65534, no groups);
+    skips the calling test where that cannot work (not root, no setpriv, or this checkout's
+    Python out of nobody's reach)."""
+    import pytest
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run a child as another user")
+    prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import device.daemon"],
+        cwd=cwd,
+        capture_output=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        pytest.skip("this checkout's Python cannot be run by user nobody")
+    return prefix
 
 
 def default_signals() -> None:

@@ -7,7 +7,6 @@ daemon in a child process on a still-image "camera" showing real photos, a real 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from childproc import as_nobody
 from conftest import SHARED
 from daemonproc import ROOT, DaemonProc, Scene, porch_config, unique_events
 from fsfaults import fill, free, remount, small_tmpfs
@@ -122,18 +122,7 @@ def test_a_read_only_state_directory_is_refused_in_one_line(
 
 def test_a_state_directory_owned_by_another_user_is_refused_in_one_line() -> None:
     """The daemon as an unprivileged user (nobody) on a root-owned state directory."""
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux) to run the daemon as another user")
-    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run(
-        [*as_nobody, sys.executable, "-c", "import device.daemon"],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=120,
-    )
-    if probe.returncode != 0:
-        pytest.skip("this checkout's Python cannot be run by user nobody")
+    nobody = as_nobody(ROOT)
     owl = SHARED / "data" / "coco-samples" / "owl.jpg"
     if not owl.is_file():
         pytest.skip(f"needs {owl} (the project's shared data)")
@@ -145,7 +134,7 @@ def test_a_state_directory_owned_by_another_user_is_refused_in_one_line() -> Non
         scene = base / "scene.png"
         shutil.copy(owl, scene)
         config = _config(base, state, "mqtt://127.0.0.1:1", scene)
-        done = _run_once(config, *as_nobody)
+        done = _run_once(config, *nobody)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     assert done.returncode == 2, done.stderr

@@ -47,4 +47,11 @@ def test_the_wheel_leaves_the_host_models_out(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("host/models/") or n.endswith(".keras")]
     assert "device/models/parcel-ssd/model.tflite" in names  # the device's own bundle is there
     assert "device/models/parcel-ssd/manifest.json" in names
+    # what `doorstep-device init` and `unit` write on a Pi that has only the wheel
+    assert {"device/share/device.yaml", "device/share/doorstep-device.service"} <= set(names)
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = zf.read(meta).decode()
+    assert "License-Expression: Apache-2.0" in metadata  # SPDX (PEP 639)
+    assert "opencv-python-headless<5,>=4.12; python_version >= \"3.12\"" in metadata
     assert wheel.stat().st_size < 5_000_000, f"{wheel.stat().st_size:,} bytes"

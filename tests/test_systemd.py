@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -47,17 +48,20 @@ def _systemd_analyze() -> str:
 
 
 def _unit_copy(tmp_path: Path, broker_dropin: bool) -> Path:
-    """The unit in ``tmp_path`` with ExecStart pointing at this venv's ``doorstep-device`` (so
-    ``verify`` holds without /opt/doorstep), optionally with the broker drop-in installed next
-    to it as ``doorstep-device.service.d/broker-network.conf`` (systemd-analyze reads it)."""
+    """The unit as ``doorstep-device unit --write`` installs it from this venv (ExecStart and
+    ExecReload point at this venv, so ``verify`` holds without /opt/doorstep), optionally with
+    the broker drop-in installed next to it as ``doorstep-device.service.d/broker-network.conf``
+    (systemd-analyze reads it)."""
     exe = Path(sys.executable).parent / "doorstep-device"
     assert exe.is_file(), f"{exe}: missing; install doorstep into this venv (pip install -e .)"
-    text = UNIT.read_text()
-    assert f"ExecStart={INSTALLED_EXE} " in text
+    assert f"ExecStart={INSTALLED_EXE} " in UNIT.read_text()
     folder = tmp_path / ("with-dropin" if broker_dropin else "plain")
-    folder.mkdir()
+    proc = subprocess.run(
+        [str(exe), "unit", "--write", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
     unit = folder / UNIT.name
-    unit.write_text(text.replace(INSTALLED_EXE, str(exe)))
+    assert f"ExecStart={exe} " in unit.read_text()
     if broker_dropin:
         (folder / f"{UNIT.name}.d").mkdir()
         shutil.copy(BROKER_DROPIN, folder / f"{UNIT.name}.d" / "broker-network.conf")
@@ -77,7 +81,6 @@ def test_unit_verifies_with_the_real_binary(tmp_path: Path, broker_dropin: bool)
     for pair in (
         ("Type", "notify"),
         ("Restart", "on-failure"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("SupplementaryGroups", "video i2c"),
         ("StateDirectory", "doorstep"),
         ("DevicePolicy", "closed"),
@@ -127,6 +130,36 @@ def test_security_exposure_is_at_most_2(tmp_path: Path) -> None:
     # Allowing a hosted broker (the documented drop-in) keeps it within the bound too.
     score, report = _exposure(analyze, _unit_copy(tmp_path, broker_dropin=True))
     assert score <= MAX_EXPOSURE, report
+
+
+def test_exec_reload_sends_sighup_with_only_the_venvs_python(tmp_path: Path) -> None:
+    """ExecReload, as installed, run as systemd would (its words, $MAINPID filled in): the
+    target gets SIGHUP, with no /bin/kill needed."""
+    unit = _unit_copy(tmp_path, broker_dropin=False)
+    line = dict(_directives(unit.read_text()))["ExecReload"]
+    words = shlex.split(line)
+    assert Path(words[0]).parent == Path(sys.executable).parent and "kill" not in words[0]
+    target = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})\n"
+            "print('ready', flush=True)\n"
+            "got = signal.sigtimedwait({signal.SIGHUP}, 60)\n"
+            "print('hup' if got else 'timeout', flush=True)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        reader = LineReader(target.stdout, "the reload target")
+        assert reader.next(timeout=60) == "ready"
+        words = [str(target.pid) if w == "$MAINPID" else w for w in words]
+        subprocess.run(words, check=True, timeout=60)
+        assert reader.next(timeout=90) == "hup"
+    finally:
+        stop(target)
 
 
 def _proc_mount_options(text: str) -> str:
