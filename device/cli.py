@@ -320,9 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         metavar="picamera2|URI",
         help="picamera2 (the default: the Pi camera), or a USB camera index, an rtsp:// or "
-        "http:// stream or a video file, read with OpenCV",
+        "http:// stream or a video file, read with OpenCV; still:IMAGE for one image as a "
+        "live camera (demos, tests)",
     )
     p.add_argument("--state-dir", metavar="DIR", help="default: /var/lib/doorstep")
+    p.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="trusted bundle signing key (repeatable): signing.public_keys",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing file (kept as .bak)")
 
     p = sub.add_parser(
@@ -336,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
         "  sudo /opt/doorstep/bin/doorstep-device unit --write /etc/systemd/system",
     )
     p.add_argument("--write", metavar="DIR", help="write DIR/doorstep-device.service")
+    p.add_argument(
+        "--venv", metavar="DIR", help="the install ExecStart runs (default: this one, sys.prefix)"
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="ExecStart's --config (default: /etc/doorstep/device.yaml)"
+    )
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="ExecStart's --state-dir (default: /var/lib/doorstep)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing file (kept as .bak)")
 
     p = sub.add_parser(
@@ -795,7 +812,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     target = init_target(args.config)
     state_dir = str(Path(args.state_dir).resolve()) if args.state_dir else None
-    text = render_config(args.device_id, args.broker, args.source, state_dir)
+    keys = [str(Path(k).resolve()) for k in args.public_key]
+    text = render_config(args.device_id, args.broker, args.source, state_dir, keys)
     written = write_new(target, text.encode(), args.force)
     from device.config import load_config
 
@@ -804,6 +822,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     source: str = cfg.source.type if cfg.source else "none"
     if cfg.source is not None and cfg.source.type == "opencv":
         source = f"opencv {cfg.source.uri}"
+    elif cfg.source is not None and cfg.source.type == "still":
+        source = f"still {cfg.source.path}"
     kept = f"; the old one is {written.backup}" if written.backup else ""
     print(f"wrote {written.path}{kept}")
     print(f"  device_id {cfg.device_id}, broker {broker}, source {source}, state {cfg.state_dir}")
@@ -814,8 +834,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_unit(args: argparse.Namespace) -> int:
     from device.init import render_unit, unit_warnings, write_new
 
-    text = render_unit()
-    for problem in unit_warnings(sys.prefix):
+    venv = args.venv or sys.prefix
+    text = render_unit(venv, config=args.config, state_dir=args.state_dir)
+    for problem in unit_warnings(venv):
         print(f"doorstep-device: warning: {problem}", file=sys.stderr)
     if not args.write:
         sys.stdout.write(text)

@@ -168,7 +168,7 @@ def format_figures(f: DaemonFigures) -> str:
         "| figure | measured | target |",
         "| --- | --- | --- |",
         f"| pipeline p50 / invoke p50 | {f.pipeline_over_invoke:.3f} | <= 1.10 |",
-        f"| daemon RSS (max) | {f.rss_mb:.0f} MB | <= 100 MB |",
+        f"| daemon RSS (max) | {f.rss_mb:.1f} MB | <= 100 MB |",
         f"| static scene at {f.static_fps:.1f} fps: CPU, one core | "
         f"{f.static_cpu_percent:.1f} % | <= 10 % |",
         f"| static scene: inferences per second | {f.static_inference_fps:.2f} | "

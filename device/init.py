@@ -65,8 +65,12 @@ def render_config(
     broker: str | None = None,
     source: str | None = None,
     state_dir: str | None = None,
+    public_keys: list[str] | None = None,
 ) -> str:
-    """The shipped template with these values in; checked as a config before it is returned."""
+    """The shipped template with these values in; checked as a config before it is returned.
+
+    ``source``: ``picamera2`` (the template's), ``still:PATH`` (one image as a live camera:
+    demos and tests), else an OpenCV camera index, stream URL or video file."""
     text = TEMPLATE.read_text(encoding="utf-8")
     device_id = device_id or default_device_id()
     if not ID_PATTERN.match(device_id):
@@ -82,7 +86,19 @@ def render_config(
             text = _replace_block(text, "mqtt", "mqtt: null   # events are only logged")
         else:
             text = re.sub(r"(?m)^  url: .*$", f"  url: {_scalar(broker)}", text, count=1)
-    if source is not None and source != "picamera2":
+    if public_keys:
+        keys = ", ".join(_scalar(k) for k in public_keys)
+        text = re.sub(r"(?m)^  public_keys: \[\].*$", f"  public_keys: [{keys}]", text, count=1)
+    if source is not None and source.startswith("still:"):
+        text = _replace_block(
+            text,
+            "source",
+            "source:                           # one image as a live camera (demos, tests)\n"
+            "  type: still\n"
+            f"  path: {_scalar(source.removeprefix('still:'))}\n"
+            "  fps: 10",
+        )
+    elif source is not None and source != "picamera2":
         uri: str | int = int(source) if source.isdigit() else source
         text = _replace_block(
             text,
@@ -160,13 +176,22 @@ def _copy(src: Path, dst: Path) -> None:
         os.close(fd)
 
 
-def render_unit(prefix: str | None = None) -> str:
+def render_unit(
+    prefix: str | None = None, config: str | None = None, state_dir: str | None = None
+) -> str:
     """The shipped unit, with ``ExecStart`` pointing at the venv ``prefix`` (default: the one
-    running this command)."""
+    running this command), and at ``config`` and ``state_dir`` when given."""
     text = UNIT.read_text(encoding="utf-8")
     prefix = prefix or sys.prefix
+    if any(c.isspace() for c in prefix) or "%" in prefix or "$" in prefix:
+        raise DoorstepError(f"{prefix!r}: a unit's command line cannot hold this venv path")
     if prefix != UNIT_PREFIX:
         text = text.replace(f"{UNIT_PREFIX}/bin/", f"{prefix}/bin/")
+    for flag, value in (("--config", config), ("--state-dir", state_dir)):
+        if value is not None:
+            if any(c.isspace() for c in value) or "%" in value or "$" in value:
+                raise DoorstepError(f"{flag} {value!r}: a unit's command line cannot hold it")
+            text = re.sub(rf"(?m)^(ExecStart=.* {flag} )\S+", rf"\g<1>{value}", text, count=1)
     return text
 
 

@@ -32,7 +32,9 @@ def test_help_has_examples(cmd: str) -> None:
     assert "examples:" in out
 
 
-@pytest.mark.parametrize("sub", ["inspect", "detect", "bench", "check-config"])
+@pytest.mark.parametrize(
+    "sub", ["inspect", "detect", "bench", "check-config", "init", "unit", "config-path"]
+)
 def test_device_subcommand_help_has_examples(sub: str) -> None:
     assert "example" in run("doorstep-device", sub, "--help").stdout
 

@@ -100,6 +100,67 @@ def add_parsers(sub: Any) -> None:
     )
 
     p = sub.add_parser(
+        "provision",
+        formatter_class=formatter,
+        help="take Pis reachable over SSH to running doorbells (install, configure, start)",
+        description="Gather facts from each selected device over SSH (OS, Python, free space, "
+        "picamera2, the doorstep user, the install, config, unit and service), plan what is "
+        "still needed (each step skipped when already true) and do it as root (sudo -n): apt "
+        "packages, the doorstep user and groups, a venv per wheel under "
+        "/opt/doorstep-venvs/ with /opt/doorstep switched to it atomically, "
+        "/etc/doorstep/device.yaml from `doorstep-device init` with the fleet's device_id "
+        "(kept if it exists, unless --reconfigure), the signing key, the deploy user's sudo "
+        "rule (checked with visudo -c first), the unit (systemd-analyze verify), the service; "
+        "then a health gate: the daemon runs with a passing self-test. A new install that fails "
+        "it is switched back to the previous one (/opt/doorstep.previous). Re-running changes "
+        "nothing that is already as asked; a newer wheel upgrades in place. Exit code 0 only "
+        "when every selected device ends provisioned or unchanged.",
+        epilog="examples:\n"
+        "  scripts/run wheel    # dist/doorstep-0.1.0-py3-none-any.whl\n"
+        "  doorstep-host provision --fleet configs/fleet.yaml --wheel dist/doorstep-0.1.0-py3-none-any.whl \\\n"
+        "      --broker mqtt://192.168.1.20:1883 --signing-key keys/doorstep-signing.pub --dry-run\n"
+        "  doorstep-host provision --fleet configs/fleet.yaml --device front-door \\\n"
+        "      --wheel dist/doorstep-0.1.0-py3-none-any.whl --broker mqtt://192.168.1.20:1883",
+    )
+    _selection(p)
+    p.add_argument("--wheel", required=True, metavar="WHL", help="the device wheel to install")
+    p.add_argument("--broker", metavar="URL", help="mqtt://host[:port] for a new device.yaml")
+    p.add_argument(
+        "--source",
+        metavar="picamera2|URI",
+        help="camera for a new device.yaml (default: picamera2)",
+    )
+    p.add_argument("--signing-key", metavar="K.pub", help="trusted signing key for bundles")
+    p.add_argument(
+        "--deploy-user",
+        metavar="USER",
+        help="the user deploy logs in as: doorstep group and sudo rule (default: the SSH user)",
+    )
+    p.add_argument("--reconfigure", action="store_true", help="replace an existing device.yaml")
+    p.add_argument(
+        "--service",
+        choices=("systemd", "detached"),
+        default="systemd",
+        help="systemd (default), or detached: start `doorstep-device run` in the background "
+        "on a device without systemd",
+    )
+    p.add_argument("--python", default="python3", metavar="PY", help="the device's Python")
+    p.add_argument("--find-links", metavar="DIR|URL", help="pip --find-links on the device")
+    p.add_argument("--no-index", action="store_true", help="pip --no-index on the device")
+    p.add_argument(
+        "--prefix",
+        default="/",
+        metavar="DIR",
+        help="install under this root on the device (tests; {name} is the device's name); "
+        "default /",
+    )
+    p.add_argument("--health-deadline", type=float, default=120.0, metavar="S")
+    p.add_argument("--parallel", type=int, metavar="N", help="devices worked on at once")
+    p.add_argument(
+        "--dry-run", action="store_true", help="gather facts, print the plan, change nothing"
+    )
+
+    p = sub.add_parser(
         "rollback",
         formatter_class=formatter,
         help="switch devices back to their previous model",
@@ -231,6 +292,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             )
         view = QuietView() if args.dry_run else make_view(args.json)
         report = asyncio.run(deploy(devices, bundle, policy, view, dry_run=args.dry_run))
+    return _report(args, report)
+
+
+def _report(args: argparse.Namespace, report: Any) -> int:
+    """Print a deploy or provision report (JSON, the plan of a dry run, or the table)."""
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif args.dry_run:
@@ -285,7 +351,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(r.reachable for r in rows) else 1
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from pathlib import PurePosixPath
+
+    from host.fleet.progress import QuietView, make_view
+    from host.fleet.provision import ProvisionOptions, Wheel
+    from host.fleet.provision_run import provision
+
+    fleet, devices = _load(args)
+    prefix = PurePosixPath(args.prefix)
+    if not prefix.is_absolute():
+        raise ConfigError(f"--prefix {args.prefix}: must be an absolute path on the device")
+    key = Path(args.signing_key) if args.signing_key else None
+    if key is not None and not key.is_file():
+        raise ConfigError(f"--signing-key {key}: not found")
+    if key is not None:
+        from device.bundle.signing import load_public_keys
+
+        load_public_keys(key)  # a file that is not a public key fails here, not on the device
+    options = ProvisionOptions(
+        wheel=Wheel.read(args.wheel),
+        prefix=prefix,
+        python=args.python,
+        broker=args.broker,
+        source=args.source,
+        signing_key=key,
+        deploy_user=args.deploy_user,
+        find_links=args.find_links,
+        no_index=args.no_index,
+        service=args.service,
+        reconfigure=args.reconfigure,
+        health_deadline=args.health_deadline,
+    )
+    if not args.json:
+        print(
+            printable(
+                f"provisioning {len(devices)} device(s) from {fleet.source} with "
+                f"{options.wheel.path.name} (sha256 {options.wheel.sha256[:12]}…)"
+            ),
+            file=sys.stderr,
+        )
+    view = QuietView() if args.dry_run else make_view(args.json)
+    report = asyncio.run(
+        provision(
+            devices,
+            options,
+            view,
+            dry_run=args.dry_run,
+            parallel=args.parallel or fleet.rollout.parallel,
+        )
+    )
+    return _report(args, report)
+
+
 COMMANDS = {
+    "provision": cmd_provision,
     "keygen": cmd_keygen,
     "sign": cmd_sign,
     "deploy": cmd_deploy,
