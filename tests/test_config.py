@@ -433,9 +433,17 @@ def test_check_config_prints_the_json_schema(capsys: pytest.CaptureFixture[str])
     assert "--schema" in capsys.readouterr().out
 
 
-def test_check_config_needs_a_file_or_schema(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_without_a_file_says_where_it_looked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from device import configpath
+
+    monkeypatch.delenv("DOORSTEP_CONFIG", raising=False)
+    monkeypatch.setattr(configpath, "SYSTEM_CONFIG", tmp_path / "etc" / "device.yaml")
     assert cli_main(["check-config"]) == 2
-    assert "give a FILE to validate (or --schema)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no --config FILE" in err and "$DOORSTEP_CONFIG" in err and "doorstep-device init" in err
+    assert str(tmp_path / "etc" / "device.yaml") in err
 
 
 def test_check_config_reports_a_hostile_file_in_one_line(

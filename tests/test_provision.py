@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import yaml
@@ -104,11 +105,11 @@ def _provision(
     fleet_file: Path, wheel: Path, house: Path, *extra: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, object]]]:
     base = os.path.realpath(sys.executable)  # the interpreter a venv is made from
+    broker = [] if "--broker" in extra else ["--broker", "none"]
     proc = subprocess.run(
         [sys.executable, "-m", "host.cli", "provision", "--fleet", str(fleet_file),
          "--wheel", str(wheel), "--python", base, "--no-index", "--find-links", str(house),
-         "--service", "detached", "--broker", "none", "--health-deadline", "120", "--json",
-         *extra],
+         "--service", "detached", *broker, "--health-deadline", "120", "--json", *extra],
         capture_output=True, text=True, timeout=850,
     )  # fmt: skip
     try:
@@ -263,6 +264,33 @@ def test_three_fresh_devices_at_once_and_one_unreachable(
     assert {report[d.name]["outcome"] for d in provisioned_fleet.devices[:2]} == {"unchanged"}
 
 
+@pytest.mark.parametrize("ssh_fleet", [1], indirect=True)
+def test_the_health_gate_over_mqtt(
+    provisioned_fleet: SshFleet, wheelhouse: Path, tmp_path: Path, mosquitto: Any
+) -> None:
+    """With --health-over-mqtt the device must show up online, self-tested, on the real broker;
+    with the broker gone the same run fails, saying where it looked."""
+    if not (PHOTO / "pets.jpg").is_file():
+        pytest.skip(f"needs {PHOTO}/pets.jpg (the project's shared data)")
+    device = provisioned_fleet[0]
+    _fresh_root(device)
+    fleet_file = _fleet_file(provisioned_fleet, tmp_path / "fleet.yaml")
+    (wheel,) = wheelhouse.glob("doorstep-0.1.0-*.whl")
+    args = ["--prefix", str(device.workdir / "root"), "--source", f"still:{PHOTO / 'pets.jpg'}",
+            "--broker", mosquitto.url, "--health-over-mqtt"]  # fmt: skip
+    proc, report = _provision(fleet_file, wheel, wheelhouse, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert report[device.name]["outcome"] == "provisioned"
+    config = yaml.safe_load((device.workdir / "root" / "etc/doorstep/device.yaml").read_text())
+    assert config["mqtt"]["url"] == mosquitto.url
+    mosquitto.stop()
+    proc, report = _provision(fleet_file, wheel, wheelhouse, *args, "--health-deadline", "5")
+    assert proc.returncode == 1
+    failed = report[device.name]
+    assert failed["outcome"] == "failed" and "health" in str(failed["detail"])
+    assert mosquitto.url in str(failed["detail"]), failed
+
+
 # ------------------------------------------------------------------------------ the planner
 
 PI_FRESH = """now=1700000000
@@ -327,6 +355,7 @@ def test_a_provisioned_pi_needs_only_the_health_gate(tmp_path: Path) -> None:
         (("root_ok=yes\n", ""), "no passwordless sudo"),
         (("free_kb=9000000", "free_kb=1000"), "MB free"),
         (("systemctl=yes\n", ""), "--service detached"),
+        (("login_user=pi", "login_user=pi ALL=(ALL) NOPASSWD: ALL"), "not a valid user name"),
     ],
 )
 def test_devices_that_cannot_be_provisioned_are_refused(

@@ -155,6 +155,12 @@ def add_parsers(sub: Any) -> None:
         "default /",
     )
     p.add_argument("--health-deadline", type=float, default=120.0, metavar="S")
+    p.add_argument(
+        "--health-over-mqtt",
+        action="store_true",
+        help="also require the device's retained `online` and a passing self-test on --broker "
+        "(as this host reaches it); without it the gate reads the daemon's daemon.json",
+    )
     p.add_argument("--parallel", type=int, metavar="N", help="devices worked on at once")
     p.add_argument(
         "--dry-run", action="store_true", help="gather facts, print the plan, change nothing"
@@ -382,7 +388,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
         service=args.service,
         reconfigure=args.reconfigure,
         health_deadline=args.health_deadline,
+        health_over_mqtt=args.health_over_mqtt,
     )
+    if args.health_over_mqtt and (not args.broker or args.broker == "none"):
+        raise ConfigError("--health-over-mqtt needs --broker URL")
     if not args.json:
         print(
             printable(

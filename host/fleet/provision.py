@@ -84,6 +84,9 @@ class ProvisionOptions:
     service: ServiceMode = "systemd"
     reconfigure: bool = False
     health_deadline: float = 120.0
+    health_over_mqtt: bool = False
+    """also require, on ``broker`` as seen from the host, the device's retained availability
+    ``online`` and a state with a passing self-test published since provisioning started"""
 
     def for_device(self, name: str) -> ProvisionOptions:
         """These options for device ``name``: ``{name}`` in the prefix becomes it."""
@@ -358,6 +361,9 @@ class ProvisionPlan:
         return "\n".join(lines)
 
 
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # what useradd accepts (Debian's default)
+
+
 def deploy_user(options: ProvisionOptions, facts: ProvisionFacts) -> str | None:
     """The user to put in the doorstep group and the sudo rule; None for root."""
     user = options.deploy_user or facts.login_user
@@ -374,6 +380,9 @@ def plan_provision(
     if refusal:
         return ProvisionPlan(device, facts, refusal=refusal)
     o, steps, notes = options, [], []
+    who = deploy_user(o, facts)
+    if who is not None and not USER_NAME.match(who):  # it goes into a sudoers file
+        return ProvisionPlan(device, facts, refusal=f"deploy user {who!r} is not a valid user name")
     prefixed = o.prefix != ROOT
     packages = [p for p, ok in (("python3-venv", facts.venv),) if not ok]
     if o.wants_picamera2 and not facts.picamera2:
@@ -387,7 +396,6 @@ def plan_provision(
         steps.append(PStep("user", f"useradd --system --user-group {RUN_USER} (groups video, i2c)"))
     elif not (facts.member(RUN_USER, "video") and facts.member(RUN_USER, "i2c")):
         steps.append(PStep("user", f"usermod -aG video,i2c {RUN_USER}"))
-    who = deploy_user(o, facts)
     if who is not None and not (facts.user and facts.member(who, RUN_USER)):
         steps.append(PStep("deploy-user", f"usermod -aG {RUN_USER} {who} (installs models)"))
     fresh = facts.installed_sha256 != o.wheel.sha256

@@ -328,6 +328,8 @@ class DeviceProvision:
     ) -> None:
         self.progress.phase(self.device.name, "health check")
         why = await self._wait_healthy(before, restarted, self.o.health_deadline)
+        if why is None and self.o.health_over_mqtt:
+            why = await self._wait_mqtt(self.facts.now - 1.0, self.o.health_deadline)
         if why is None:
             return
         if not switched or not (plan.facts.link or plan.facts.link_is_dir):
@@ -361,6 +363,33 @@ class DeviceProvision:
             if why is None or time.monotonic() >= end:
                 return why
             self.progress.phase(self.device.name, "health check", why[:60])
+            await asyncio.sleep(1.0)
+
+    async def _wait_mqtt(self, since: float, deadline: float) -> str | None:
+        """None once the broker holds the device's availability ``online`` and a state with a
+        passing self-test written at or after ``since`` (device clock); else why not."""
+        from device.alerts.mqtt import BrokerSettings
+        from device.errors import DoorstepError
+        from host.fleet.status import status_over_mqtt
+
+        assert self.o.broker is not None
+        broker = BrokerSettings(self.o.broker, discovery_prefix=None)
+        end = time.monotonic() + deadline
+        while True:
+            self.progress.phase(self.device.name, "health check", f"over MQTT ({broker.url})")
+            try:
+                (row,) = await asyncio.to_thread(status_over_mqtt, [self.device], broker)
+                why = None
+                if not row.reachable:
+                    why = f"not online on {broker.url} ({row.detail})"
+                elif "self-test ok" not in row.daemon:
+                    why = f"on {broker.url}: {row.daemon}"
+                elif row.last_seen is None or row.last_seen < since:
+                    why = f"on {broker.url}: no state published since provisioning started"
+            except DoorstepError as exc:
+                why = f"{broker.url}: {exc}"
+            if why is None or time.monotonic() >= end:
+                return why
             await asyncio.sleep(1.0)
 
 
