@@ -87,11 +87,12 @@ class SsdRawDecoder(Decoder):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sigmoid or no activation: threshold the stored values (the activation and the
         dequantization are monotonic), so only the survivors are dequantized and activated."""
-        raw = scores.data.reshape(-1, scores.data.shape[-1])[:, self._first :]
+        data, first = scores.data, self._first
         best: np.ndarray | None = None
-        if raw.shape[1] == 1:  # one class (the parcel model): no argmax, no gather
-            best_raw = raw[:, 0]
+        if data.ndim == 2 and data.shape[1] == first + 1:  # one class (the parcel model)
+            best_raw = data[:, first]  # a view: no reshape, no argmax, no gather
         else:
+            raw = data.reshape(-1, data.shape[-1])[:, first:]
             best = raw.argmax(axis=1)
             best_raw = np.take_along_axis(raw, best[:, None], axis=1)[:, 0]
         threshold = self._raw_thresholds.get((score_threshold, scores.scale, scores.zero_point))
@@ -146,7 +147,9 @@ class SsdRawDecoder(Decoder):
             require_finite(enc, enc_out)
             boxes = decode_ssd_boxes(enc, self.anchors[keep], self.params.scale_factors)
             boxes = (boxes * self._scale).astype(np.float32)
-        return Candidates(boxes, best_score.astype(np.float32), best.astype(np.int64))
+        return Candidates(
+            boxes, best_score.astype(np.float32, copy=False), best.astype(np.int64, copy=False)
+        )
 
     def _decode_small(self, enc_out: Output, keep: np.ndarray) -> np.ndarray:
         """:func:`decode_ssd_boxes` and the scaling to canvas pixels, for a few boxes in plain
