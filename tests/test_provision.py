@@ -156,8 +156,13 @@ def test_fresh_root_rerun_upgrade_and_a_failed_upgrade_rolled_back(
     root = _fresh_root(device)
     fleet_file = _fleet_file(provisioned_fleet, tmp_path / "fleet.yaml")
     (wheel,) = wheelhouse.glob("doorstep-0.1.0-*.whl")
+    keygen = subprocess.run(
+        [sys.executable, "-m", "host.cli", "keygen", "--out", str(tmp_path / "release")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert keygen.returncode == 0, keygen.stderr
     common = ["--prefix", str(root), "--source", f"still:{PHOTO / 'pets.jpg'}",
-              "--deploy-user", "nobody"]  # fmt: skip
+              "--deploy-user", "nobody", "--signing-key", str(tmp_path / "release.pub")]  # fmt: skip
     if shutil.which("visudo") is None:
         pytest.skip("visudo is not installed (apt-get install sudo; .ci/run does)")
 
@@ -188,6 +193,9 @@ def test_fresh_root_rerun_upgrade_and_a_failed_upgrade_rolled_back(
     assert any(line.startswith("doorstep:") and "nobody" in line for line in group.splitlines())
     config = yaml.safe_load((root / "etc" / "doorstep" / "device.yaml").read_text())
     assert config["device_id"] == device.name and config["state_dir"] == str(device.state_dir)
+    key = root / "etc" / "doorstep" / "keys" / "release.pub"
+    assert config["signing"]["public_keys"] == [str(key)]
+    assert key.read_bytes() == (tmp_path / "release.pub").read_bytes()
     unit = (root / "etc" / "systemd" / "system" / "doorstep-device.service").read_text()
     assert (
         f"ExecStart={link}/bin/doorstep-device run --config {root}/etc/doorstep/device.yaml" in unit

@@ -10,6 +10,7 @@ back to the previous one (and that one restarted and checked again).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shlex
 import time
 from collections.abc import Sequence
@@ -180,12 +181,13 @@ class DeviceProvision:
                 upload,
                 progress=lambda done, total: self.progress.transfer(self.device.name, done, total),
             )
-            if await self.conn.sha256(sent.part) != o.wheel.sha256:
-                raise StepError("venv", f"{sent.part}: the uploaded wheel's sha256 does not match")
         except DeviceError as exc:
             raise StepError("venv", exc.reason) from None
+        # Checked once root's copy exists: nothing the login user can still change.
         await self.root(
-            f"install -m 0644 {q(sent.part)} {q(staged)} && rm -f {q(sent.part)}", "venv"
+            f"install -m 0644 {q(sent.part)} {q(staged)} && rm -f {q(sent.part)} && "
+            f"echo {q(o.wheel.sha256 + '  ' + staged)} | sha256sum -c --quiet -",
+            "venv (the uploaded wheel's sha256)",
         )
         pip = ["--quiet", "--disable-pip-version-check"]
         if o.no_index:
@@ -247,8 +249,10 @@ class DeviceProvision:
                 sent = await self.conn.upload(o.signing_key, upload, resume=False)
             except DeviceError as exc:
                 raise StepError("config", exc.reason) from None
+            digest = hashlib.sha256(o.signing_key.read_bytes()).hexdigest()
             script.append(
-                f"install -D -m 0644 {q(sent.part)} {q(str(key))} && rm -f {q(sent.part)}"
+                f"install -D -m 0644 {q(sent.part)} {q(str(key))} && rm -f {q(sent.part)} && "
+                f"echo {q(digest + '  ' + str(key))} | sha256sum -c --quiet -"
             )
             args += ["--public-key", str(key)]
         script.append(shlex.join(args))
