@@ -281,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", metavar="DIR", help="where to write (default: demo/)")
 
     p = sub.add_parser(
+        "wheel",
+        formatter_class=formatter,
+        help="build the device wheel a Pi installs (device code only)",
+        description="Build doorstep-VERSION-py3-none-any.whl from this checkout's device/ only "
+        "(no host code, no float model, no doorstep-host command), in a temporary directory, "
+        "and print its path and size. `scripts/run wheel` runs this.",
+        epilog="example:\n  doorstep-host wheel --out dist/",
+    )
+    p.add_argument("--out", default="dist", metavar="DIR", help="where to write (default: dist/)")
+
+    p = sub.add_parser(
         "watch",
         formatter_class=formatter,
         help="print the fleet's live parcel events (the simplest alert subscriber)",
@@ -317,6 +328,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from host.demo import run_demo
 
     return run_demo(args.out)
+
+
+def cmd_wheel(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from host.wheel import build_device_wheel, check_device_wheel
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or not (root / "device").is_dir():
+        raise DoorstepError(f"{root}: not a doorstep checkout (the wheel is built from one)")
+    wheel = build_device_wheel(root, Path(args.out))
+    names = check_device_wheel(wheel)
+    size = wheel.stat().st_size
+    print(f"{wheel}: {size / 1e6:.1f} MB, {len(names)} files, device code only")
+    print(f'install it on a Pi with: pip install "./{wheel.name}[device]"')
+    return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -451,6 +478,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "wheel": cmd_wheel,
     "watch": cmd_watch,
     **FLEET_COMMANDS,
 }

@@ -22,6 +22,7 @@ from sshd import ROOT, SshDevice, SshFleet
 
 from host.fleet.inventory import Device
 from host.fleet.provision import ProvisionOptions, Wheel, parse_facts, plan_provision
+from host.wheel import build_device_wheel
 
 pytestmark = [pytest.mark.host, pytest.mark.timeout(900)]
 
@@ -29,36 +30,21 @@ PHOTO = Path(os.environ.get("DOORSTEP_SHARED", ROOT.parent / "shared")) / "data"
 
 
 def _build_wheel(out: Path, version: str | None = None, broken: bool = False) -> Path:
-    """A device wheel from a copy of this checkout's tracked files, as `scripts/run wheel`
-    builds it; ``version`` bumps it, ``broken`` makes `doorstep-device run` fail at start."""
-    src = out / f"src-{version or 'same'}-{broken}"
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--", "pyproject.toml", "README.md", "device", "host"],
-        cwd=ROOT, capture_output=True, check=True, timeout=60,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, listed):
-        dest = src / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest, follow_symlinks=True)
-    if version:
-        for rel in ("pyproject.toml", "device/__init__.py"):
-            path = src / rel
-            path.write_text(path.read_text().replace('"0.1.0"', f'"{version}"'))
-    if broken:
-        path = src / "device" / "daemon.py"
-        path.write_text(
-            path.read_text() + "\n\ndef run(*args, **kwargs):\n    raise SystemExit(3)\n"
-        )
-    dist = out / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "-w", str(dist), str(src)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr[-2000:]
-    wheels = sorted(dist.glob("doorstep-*.whl"), key=lambda p: p.stat().st_mtime)
-    shutil.rmtree(src)
-    return wheels[-1]
+    """The device wheel as `doorstep-host wheel` builds it; ``version`` bumps it, ``broken``
+    makes `doorstep-device run` fail at start."""
+
+    def edit(src: Path) -> None:
+        if version:
+            for rel in ("pyproject.toml", "device/__init__.py"):
+                path = src / rel
+                path.write_text(path.read_text().replace('"0.1.0"', f'"{version}"'))
+        if broken:
+            path = src / "device" / "daemon.py"
+            path.write_text(
+                path.read_text() + "\n\ndef run(*args, **kwargs):\n    raise SystemExit(3)\n"
+            )
+
+    return build_device_wheel(ROOT, out / "dist", edit=edit)
 
 
 @pytest.fixture(scope="module")
