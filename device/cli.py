@@ -431,6 +431,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.to_text())
+    if report.self_test is not None and not report.self_test["ok"]:
+        print(
+            f"doorstep-device: the self-test failed: {report.self_test['error']}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

@@ -33,6 +33,10 @@ class CollapsedScoresError(DetectorError):
     """Every class score is zero on a frame that should show something: a collapsed quantization."""
 
 
+class BrokenOutputsError(DetectorError):
+    """Outputs no working model gives: NaN or inf in a tensor, or scores that saturate."""
+
+
 def format_validation_error(exc: Any, where: str) -> str:
     """A pydantic ``ValidationError`` as one line per problem: ``where: key.path: reason (got
     value)``."""

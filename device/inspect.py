@@ -21,6 +21,8 @@ class Report:
     layout: DecoderSpec | None
     layout_error: str | None
     manifest: Manifest | None
+    self_test: dict[str, Any] | None = None
+    """one inference on a synthetic frame (checks the outputs), when the layout is known"""
 
     def to_json(self) -> dict[str, Any]:
         def tensor(t: TensorFacts) -> dict[str, Any]:
@@ -46,6 +48,7 @@ class Report:
             "layout": self.layout.model_dump(mode="json") if self.layout else None,
             "layout_error": self.layout_error,
             "manifest": self.manifest.model_dump(mode="json") if self.manifest else None,
+            "self_test": self.self_test,
         }
 
     def to_text(self) -> str:
@@ -68,6 +71,10 @@ class Report:
             )
         elif self.layout_error:
             lines.append(f"layout    not recognised: {self.layout_error}")
+        if self.self_test is not None:
+            t = self.self_test
+            verdict = f"ok, {t['ms']:.1f} ms" if t["ok"] else f"FAILED: {t['error']}"
+            lines.append(f"self-test {verdict} ({t.get('runtime') or 'runtime unknown'})")
         if self.manifest:
             lines.append("manifest")
             body = json.dumps(self.manifest.model_dump(mode="json"), indent=2)
@@ -87,7 +94,7 @@ def inspect_model(
         manifest, model_path = bundle.manifest, bundle.model_path
     facts = read_model_facts(model_path, runtime)
     if manifest is not None:
-        return Report(facts, manifest.decoder, None, manifest)
+        return Report(facts, manifest.decoder, None, manifest, _self_test(path, None, runtime))
     names = read_labels(labels) if labels else None
     layout, error = None, None
     try:
@@ -96,4 +103,18 @@ def inspect_model(
         if labels:  # the user asked for the class check: its failure is the answer
             raise
         error = str(exc)
-    return Report(facts, layout, error, None)
+    # A bare model needs its labels to build a detector: without them, no self-test.
+    test = _self_test(path, labels, runtime) if layout is not None and labels else None
+    return Report(facts, layout, error, None, test)
+
+
+def _self_test(path: Path, labels: str | Path | None, runtime: str) -> dict[str, Any]:
+    """The daemon's own self-test (:func:`device.detect.checked.self_test`) on this model."""
+    from device.detect.checked import self_test
+    from device.detect.detector import Detector
+
+    try:
+        det = Detector.open(path, labels, runtime=runtime)
+    except DoorstepError as exc:
+        return {"ok": False, "ms": 0.0, "error": str(exc), "runtime": None}
+    return self_test(det)

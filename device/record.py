@@ -58,6 +58,7 @@ class SelfTestResult(_Doc):
     ms: float = Field(ge=0, description="duration of the test inference, milliseconds")
     time: UnixTime
     error: Text | None = None
+    runtime: Text | None = Field(default=None, description="the runtime and its version")
 
 
 class ReloadResult(_Doc):

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from device.bundle.build import describe_model, parse_normalization
 from device.bundle.manifest import Thresholds
 from device.bundle.store import Bundle, pack_bundle, write_bundle
 from device.errors import DoorstepError
+
+
+def _check_outputs(manifest: Any, files: Any) -> None:
+    """Refuse, before anything is written, a model whose outputs no working model gives (the
+    daemon's self-test: NaN or inf anywhere, saturated or collapsed scores)."""
+    from device.detect.checked import self_test
+    from device.detect.detector import Detector
+
+    with tempfile.TemporaryDirectory(prefix="doorstep-bundle-check-") as tmp:
+        trial = write_bundle(Path(tmp) / "bundle", manifest, files)
+        test = self_test(Detector(trial))
+    if not test["ok"]:
+        raise DoorstepError(f"not bundled: the self-test failed: {test['error']}")
+    print(f"self-test: ok, {test['ms']:.1f} ms on {test['runtime']}", file=sys.stderr)
 
 
 def bundle_model(args: argparse.Namespace) -> Bundle:
@@ -48,6 +64,7 @@ def bundle_model(args: argparse.Namespace) -> Bundle:
     print(
         f"labels: {len(manifest.labels.names)} classes; roles: {roles or 'none'}", file=sys.stderr
     )
+    _check_outputs(manifest, files)
     bundle = write_bundle(args.out, manifest, files, overwrite=args.force)
     print(f"wrote {bundle.source}/ ({', '.join(sorted(bundle.manifest.files))} + manifest.json)")
     if args.tar:

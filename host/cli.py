@@ -16,6 +16,40 @@ from host.safe_text import printable
 DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
 
 
+def _compare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compare-runtimes",
+        action="store_true",
+        help="also run the model on one frame under every installed runtime (tflite-runtime, "
+        "LiteRT) and fail (exit 1) when their outputs or detections differ materially",
+    )
+    p.add_argument(
+        "--frame", metavar="IMAGE", help="the frame for --compare-runtimes (default: synthetic)"
+    )
+
+
+def _compare(model: str, labels: str | None, frame: str | None) -> bool:
+    """Print the runtime comparison of ``model``; whether the runtimes agree."""
+    import tempfile
+    from pathlib import Path
+
+    from host.runtimes import compare_runtimes
+
+    with tempfile.TemporaryDirectory(prefix="doorstep-compare-") as tmp:
+        image = Path(frame) if frame else Path(tmp) / "frame.png"
+        if frame is None:
+            import cv2
+
+            from device.bench import synthetic_frame
+
+            cv2.imwrite(str(image), synthetic_frame(640, 480, seed=7))
+        elif not image.is_file():
+            raise DoorstepError(f"--frame {frame}: not found")
+        result = compare_runtimes(model, image, labels)
+    print(result.text())
+    return result.ok
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="doorstep-host",
@@ -88,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", dest="model_version", default="0.0.0", help="bundle version")
     p.add_argument("--tar", action="store_true", help="also write DIR.tar for transport")
     p.add_argument("--force", action="store_true", help="replace an existing DIR")
+    _compare_options(p)
 
     p = sub.add_parser(
         "quantize",
@@ -265,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=50, metavar="N")
     p.add_argument("--threads", metavar="N[,N]", help="thread counts (default: 1 and all cores)")
     p.add_argument("--json", metavar="FILE", help="also write JSON")
+    _compare_options(p)
 
     p = sub.add_parser(
         "demo",
@@ -320,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from host.bundle import bundle_model
 
-    bundle_model(args)
+    bundle = bundle_model(args)
+    if args.compare_runtimes and not _compare(str(bundle.source), None, args.frame):
+        return 1
     return 0
 
 
@@ -468,6 +506,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json)
+    if args.compare_runtimes:
+        agree = []
+        for m in args.models:
+            if m.endswith(".tflite"):  # no labels or decoder to read its detections by
+                print(f"{m}: a bare .tflite, not compared (bundle it first)", file=sys.stderr)
+                continue
+            agree.append(_compare(m, None, args.frame))
+        return 0 if all(agree) else 1
     return 0
 
 

@@ -72,6 +72,10 @@ CASES = [
     ),
     # A float model whose scores are NaN, as a broken conversion yields.
     Case("yolo_v8_float_nan", "yolo_v8", extra={"nan": True}),
+    # NaN only in the boxes of anchors that score low: invisible to the decoding of survivors.
+    Case("yolo_v8_float_nan_boxes", "yolo_v8", extra={"nan_boxes": True}),
+    # A broken export as seen in the field: most anchors at score 1.0, many with zero width.
+    Case("yolo_v8_float_saturated", "yolo_v8", pixels=True, extra={"saturate": True}),
 ]
 
 TRUTH = Truth(
@@ -146,6 +150,12 @@ def head_outputs(case: Case) -> dict[str, np.ndarray]:
         out[:4] *= float(case.extra.get("box_gain", 1.0))  # type: ignore[arg-type]
         if case.extra.get("nan"):
             out[4:, ::3] = np.nan
+        if case.extra.get("nan_boxes"):
+            out[:4, 4::7] = np.nan  # the truth's slots (10, 50) are not among them
+        if case.extra.get("saturate"):
+            sure = np.arange(n) % 5 != 0  # 80 % of the anchors
+            out[4, sure] = 1.0
+            out[2, sure & (np.arange(n) % 2 == 0)] = 0.0  # zero width
         return {"predictions": out}
     if case.layout == "yolo_v5":
         n = 3 * _cells()

@@ -13,7 +13,7 @@ import pytest
 
 from device.detect.detector import Detector
 from device.detect.nms import box_iou
-from device.errors import CollapsedScoresError, DetectorError, LabelsError
+from device.errors import BrokenOutputsError, CollapsedScoresError, DetectorError, LabelsError
 
 GOOD = [c for c in modelgen.CASES if not c.extra]
 
@@ -172,3 +172,42 @@ def test_host_bundle_bad_options(
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_nan_anywhere_in_an_output_fails_the_self_test(testmodels: Path) -> None:
+    """NaN in the boxes of anchors below the threshold: decoding the survivors never sees it,
+    the output check does (and the daemon's self-test fails with it)."""
+    from device.detect.checked import self_test
+
+    case = next(c for c in modelgen.CASES if c.name == "yolo_v8_float_nan_boxes")
+    det = _open(testmodels, case)
+    assert len(det.detect(_frame())) == 2  # the truth is still found
+    with pytest.raises(BrokenOutputsError, match=r"holds NaN or inf in \d+ of \d+ values"):
+        det.self_test([_frame()])
+    test = self_test(det)
+    assert (
+        not test["ok"] and "NaN or inf" in test["error"] and test["runtime"] == det.runtime_version
+    )
+
+
+def test_saturated_scores_and_zero_width_boxes(testmodels: Path, tmp_path: Path) -> None:
+    """A broken export: most anchors at score 1.0, many of them zero-width. No degenerate box
+    is returned as a detection; the self-test, `inspect` and `bundle` refuse the model."""
+    case = next(c for c in modelgen.CASES if c.name == "yolo_v8_float_saturated")
+    det = _open(testmodels, case, max_detections=1000)
+    dets = det.detect(_frame())
+    assert dets, "the saturated anchors with a width are returned (they are boxes)"
+    assert all(d.box[2] > d.box[0] and d.box[3] > d.box[1] for d in dets)
+    with pytest.raises(BrokenOutputsError, match="scores saturate"):
+        det.self_test([_frame()])
+    model, labels = testmodels / f"{case.name}.tflite", testmodels / "labels.txt"
+    inspect = subprocess.run(
+        [sys.executable, "-m", "device.cli", "inspect", str(model), "--labels", str(labels)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert inspect.returncode == 1 and "self-test FAILED" in inspect.stdout
+    assert "scores saturate" in inspect.stderr
+    out = tmp_path / "bundle"
+    made = _host_bundle(str(model), "--labels", str(labels), "--out", str(out))
+    assert made.returncode == 2 and "not bundled: the self-test failed" in made.stderr
+    assert "scores saturate" in made.stderr and not out.exists()

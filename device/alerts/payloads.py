@@ -71,6 +71,7 @@ class SelfTest(_Payload):
     ms: float = Field(description="one inference on a synthetic frame, milliseconds")
     time: float = Field(description="Unix time of the test")
     error: str | None = None
+    runtime: str | None = Field(default=None, description="the runtime and its version")
 
 
 class SourceStatus(_Payload):

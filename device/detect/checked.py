@@ -20,19 +20,24 @@ if TYPE_CHECKING:
 
 
 def self_test(det: Detector) -> dict[str, Any]:
-    """One inference on a synthetic frame: the model loads, runs, gives finite outputs and
-    scores that are not all zero (a collapsed int8 model)."""
+    """One inference on a synthetic frame: the model loads, runs, gives finite outputs, scores
+    that neither saturate (a broken export) nor are all zero (a collapsed int8 model); which
+    runtime ran it is part of the result."""
     from device.bench import synthetic_frame
 
+    runtime = det.runtime_version  # "ai-edge-litert 2.3.0", "tflite-runtime 2.14.0"
     t0 = time.perf_counter()
     try:
         det.detect(synthetic_frame(640, 480, seed=7))
+        det.check_last_outputs()
         if det.last_peak_score() <= 0.0:
             raise DoorstepError("every class score is 0: the model's scores collapsed")
     except DoorstepError as exc:
-        return {"ok": False, "ms": 0.0, "time": round(time.time(), 3), "error": str(exc)}
+        return {"ok": False, "ms": 0.0, "time": round(time.time(), 3), "error": str(exc),
+                "runtime": runtime}  # fmt: skip
     ms = (time.perf_counter() - t0) * 1e3
-    return {"ok": True, "ms": round(ms, 2), "time": round(time.time(), 3), "error": None}
+    return {"ok": True, "ms": round(ms, 2), "time": round(time.time(), 3), "error": None,
+            "runtime": runtime}  # fmt: skip
 
 
 def model_candidates(model: ModelConfig, state_dir: Path) -> list[Path | None]:

@@ -13,11 +13,18 @@ import numpy as np
 from device.bundle.build import bare_model_bundle
 from device.bundle.store import MANIFEST, Bundle, load_bundle
 from device.detect.decoders import DECODERS, Candidates, Output
+from device.detect.decoders.base import output_problem
 from device.detect.model import tensor_facts
 from device.detect.nms import nms
 from device.detect.preprocess import Geometry, InputTransform, Yuv420Frame
 from device.detect.runtime import first_line, open_interpreter, runtime_version
-from device.errors import CollapsedScoresError, DetectorError, LabelsError, ModelError
+from device.errors import (
+    BrokenOutputsError,
+    CollapsedScoresError,
+    DetectorError,
+    LabelsError,
+    ModelError,
+)
 
 
 @dataclass(frozen=True)
@@ -257,7 +264,9 @@ class Detector:
                     f"model predicted class id {cid} but the labels name only {len(names)} classes "
                     f"(0..{len(names) - 1}): wrong label file for {self.bundle.source}"
                 )
-            out.append(Detection(names[cid], cid, float(score), geo.box_to_source(box)))
+            x1, y1, x2, y2 = mapped = geo.box_to_source(box)
+            if x2 > x1 and y2 > y1:  # zero or negative width or height: never a detection
+                out.append(Detection(names[cid], cid, float(score), mapped))
         return out
 
     def detect(self, frame: np.ndarray | Yuv420Frame) -> list[Detection]:
@@ -285,18 +294,32 @@ class Detector:
         outputs = getattr(self, "_last_outputs", None)
         return 0.0 if outputs is None else self.decoder.peak_score(outputs)
 
+    def check_last_outputs(self) -> None:
+        """Raise ``BrokenOutputsError`` when the last frame's outputs cannot come from a
+        working model (see :func:`device.detect.decoders.base.output_problem`)."""
+        outputs = getattr(self, "_last_outputs", None)
+        problem = None if outputs is None else output_problem(outputs, self.decoder)
+        if problem is not None:
+            raise BrokenOutputsError(f"{self.bundle.source}: {problem}")
+
     def peak_score(self, frame: np.ndarray | Yuv420Frame) -> float:
         """The highest class score the model gives anywhere on ``frame``."""
         outputs, _ = self.infer(frame)
         return self.decoder.peak_score(outputs)
 
     def self_test(self, frames: list[np.ndarray]) -> float:
-        """Raise ``CollapsedScoresError`` when no frame raises any score above zero.
+        """Raise ``CollapsedScoresError`` when no frame raises any score above zero, and
+        ``BrokenOutputsError`` when a frame's outputs hold NaN or inf or saturate.
 
         A full-integer model whose scores were quantized together with large box values (or
         calibrated on the wrong data) gives exactly zero everywhere; this catches it at start.
         """
-        peak = max((self.peak_score(f) for f in frames), default=0.0)
+        peak = 0.0
+        for frame in frames:
+            outputs, _ = self.infer(frame)
+            self._last_outputs = outputs
+            self.check_last_outputs()
+            peak = max(peak, self.decoder.peak_score(outputs))
         if peak <= 0.0:
             raise CollapsedScoresError(
                 f"{self.bundle.source}: every class score is 0 on {len(frames)} test frame(s): the "

@@ -101,5 +101,40 @@ class Decoder(ABC):
         """Candidates scoring at least ``score_threshold``."""
 
     @abstractmethod
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
+        """Every candidate's best class score (dequantized and activated, 0..1 for a sound
+        model), threshold aside: what the output checks look at."""
+
     def peak_score(self, outputs: Mapping[str, Output]) -> float:
         """The highest class score anywhere in the outputs (a collapsed model gives 0)."""
+        best = self.best_scores(outputs)
+        return float(best.max()) if best.size else 0.0
+
+
+SATURATED_SCORE = 0.99
+SATURATED_SHARE = 0.25  # of the candidates on one frame: a sound detector is sure of a few at most
+SATURATED_MIN = 20  # candidates needed to call it (a post-processed top-10 may all be sure)
+
+
+def output_problem(outputs: Mapping[str, Output], decoder: Decoder) -> str | None:
+    """Why these outputs cannot come from a working model, or None: NaN or inf anywhere in a
+    float output tensor (not only among the detections), or scores that saturate (most
+    candidates at the maximum, as a broken export gives on any frame)."""
+    for out in outputs.values():
+        if out.data.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(out.data)))
+            if bad:
+                return (
+                    f"output {out.name!r} holds NaN or inf in {bad} of {out.data.size} values: "
+                    "the model is broken (a failed conversion or quantization); re-export it"
+                )
+    best = decoder.best_scores(outputs)
+    if best.size >= SATURATED_MIN:
+        sure = int(np.count_nonzero(best >= SATURATED_SCORE))
+        if sure > SATURATED_SHARE * best.size:
+            return (
+                f"{sure} of {best.size} candidates score {SATURATED_SCORE} or more on one frame: "
+                "the model's scores saturate (a broken export, or the wrong output taken for the "
+                "scores); check it against its source model"
+            )
+    return None

@@ -32,6 +32,6 @@ class PostprocessDecoder(Decoder):
         xyxy = boxes[:, [1, 0, 3, 2]] * self._scale
         return Candidates(xyxy.astype(np.float32), scores[keep], np.rint(classes).astype(np.int64))
 
-    def peak_score(self, outputs: Mapping[str, Output]) -> float:
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
         n, scores = self._valid(outputs)
-        return float(scores[:n].max()) if n else 0.0
+        return scores[:n]

@@ -176,6 +176,5 @@ class SsdRawDecoder(Decoder):
             )
         return np.array(out, dtype=np.float32)
 
-    def peak_score(self, outputs: Mapping[str, Output]) -> float:
-        _, best_score = self._class_scores(outputs["scores"])
-        return float(best_score.max()) if best_score.size else 0.0
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
+        return self._class_scores(outputs["scores"])[1]

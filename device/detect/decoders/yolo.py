@@ -49,10 +49,9 @@ class YoloV8Decoder(Decoder):
             self.to_pixels(cxcywh_to_xyxy(boxes))[ok], scores[ok], best[keep][ok].astype(np.int64)
         )
 
-    def peak_score(self, outputs: Mapping[str, Output]) -> float:
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
         pred = outputs["predictions"]
-        _, best_raw = self._best(pred)
-        return float(pred.real(best_raw.max(keepdims=True))[0])
+        return pred.real(self._best(pred)[1])
 
 
 class YoloV5Decoder(Decoder):
@@ -76,11 +75,12 @@ class YoloV5Decoder(Decoder):
         boxes = self.to_pixels(cxcywh_to_xyxy(rows[ok, :4]))
         return Candidates(boxes, scores[ok], best[ok].astype(np.int64))
 
-    def peak_score(self, outputs: Mapping[str, Output]) -> float:
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
         pred = outputs["predictions"]
         rows = pred.real(pred.data.reshape(-1, pred.data.shape[-1]))
         require_finite(rows, pred)
-        return float((rows[:, 4] * rows[:, 5:].max(axis=1)).max())
+        best: np.ndarray = rows[:, 4] * rows[:, 5:].max(axis=1)
+        return best
 
 
 class YoloE2EDecoder(Decoder):
@@ -97,8 +97,8 @@ class YoloE2EDecoder(Decoder):
             self.to_pixels(rows[:, :4]), rows[:, 4], np.rint(rows[:, 5]).astype(np.int64)
         )
 
-    def peak_score(self, outputs: Mapping[str, Output]) -> float:
+    def best_scores(self, outputs: Mapping[str, Output]) -> np.ndarray:
         det = outputs["detections"]
         rows = det.real().reshape(-1, 6)
         require_finite(rows, det)
-        return float(rows[:, 4].max()) if len(rows) else 0.0
+        return rows[:, 4]
