@@ -38,7 +38,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decoder",
         default="auto",
-        choices=("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw"),
+        choices=(
+            "auto",
+            "tflite_postprocess",
+            "yolo_v8",
+            "yolo_v5",
+            "yolo_e2e",
+            "ssd_raw",
+            "nanodet",
+        ),
         help="output layout of a bare .tflite (default: detect it)",
     )
     p.add_argument("--anchors", metavar="FILE.npy", help="anchors of a raw SSD head (bare .tflite)")

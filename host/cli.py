@@ -13,7 +13,9 @@ from host.fleet.commands import COMMANDS as FLEET_COMMANDS
 from host.fleet.commands import add_parsers as add_fleet_parsers
 from host.safe_text import printable
 
-DECODER_CHOICES = ("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw")
+DECODER_CHOICES = (
+    "auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw", "nanodet"
+)  # fmt: skip
 
 
 def _compare_options(p: argparse.ArgumentParser) -> None:
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoder",
         default="auto",
-        choices=("auto", "tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw"),
+        choices=DECODER_CHOICES,
         help="output layout (default: auto, detected and reported)",
     )
     p.add_argument(
@@ -105,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("letterbox", "stretch"),
         help="default: letterbox for YOLO, stretch for SSD",
     )
-    p.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB", help="default: RGB")
+    p.add_argument(
+        "--channel-order",
+        choices=("RGB", "BGR"),
+        help="default: the family's (BGR for NanoDet, RGB for the others)",
+    )
     p.add_argument(
         "--role",
         action="append",

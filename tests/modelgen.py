@@ -70,6 +70,9 @@ CASES = [
     Case(
         "yolo_v8_int8_collapsed", "yolo_v8", quantized=True, pixels=True, extra={"box_gain": 10.0}
     ),
+    # NanoDet: NCHW float input (BGR, mean/std), class scores then distance bins per point.
+    Case("nanodet_float", "nanodet", nchw=True, resize="stretch"),
+    Case("nanodet_int8", "nanodet", quantized=True, nchw=True, resize="stretch"),
     # A float model whose scores are NaN, as a broken conversion yields.
     Case("yolo_v8_float_nan", "yolo_v8", extra={"nan": True}),
     # NaN only in the boxes of anchors that score low: invisible to the decoding of survivors.
@@ -197,7 +200,40 @@ def head_outputs(case: Case) -> dict[str, np.ndarray]:
             logits[slot, 0] = -4.0
             logits[slot, 1 + TRUTH.classes[k]] = math.log(TRUTH.scores[k] / (1 - TRUTH.scores[k]))
         return {"box_encodings": enc, "class_predictions": logits}
+    if case.layout == "nanodet":
+        return {"predictions": _nanodet_rows(boxes, rng)}
     raise ValueError(case.layout)
+
+
+NANODET_REG_MAX = 7
+
+
+def _nanodet_rows(boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """NanoDet rows whose decoding gives exactly ``boxes`` (canvas xyxy) at two grid points of
+    the stride-8 level: each side's distance d (in strides) is a softmax that puts about 1 - f
+    on bin floor(d) and f on the next, so its expectation is about d."""
+    bins = NANODET_REG_MAX + 1
+    n = _cells()
+    out = np.zeros((n, NC + 4 * bins), np.float32)
+    out[:, :NC] = rng.uniform(0.0, 0.05, (n, NC))
+    out[:, NC:] = rng.normal(0, 0.5, (n, 4 * bins))
+    grid = math.ceil(INPUT / 8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        i, j = int((x1 + x2) / 2 // 8), int((y1 + y2) / 2 // 8)
+        cx, cy = (i + 0.5) * 8, (j + 0.5) * 8
+        row = j * grid + i
+        out[row, :NC] = 0.02
+        out[row, TRUTH.classes[k]] = TRUTH.scores[k]
+        for side, d in enumerate(((cx - x1) / 8, (cy - y1) / 8, (x2 - cx) / 8, (y2 - cy) / 8)):
+            assert 0 <= d < NANODET_REG_MAX, d
+            lo, f = int(d), d - int(d)
+            # Bins kept within -6..0: the int8 variant shares one tensor with the scores (as
+            # real exports do), so a wide logit range would cost the scores their precision.
+            logits = np.full(bins, -6.0)
+            logits[lo] = max(math.log(max(1 - f, 1e-12)), -6.0)
+            logits[lo + 1] = max(math.log(max(f, 1e-12)), -6.0)
+            out[row, NC + side * bins : NC + (side + 1) * bins] = logits
+    return out
 
 
 def build_tflite(case: Case) -> bytes:

@@ -211,3 +211,21 @@ def test_saturated_scores_and_zero_width_boxes(testmodels: Path, tmp_path: Path)
     made = _host_bundle(str(model), "--labels", str(labels), "--out", str(out))
     assert made.returncode == 2 and "not bundled: the self-test failed" in made.stderr
     assert "scores saturate" in made.stderr and not out.exists()
+
+
+def test_nanodet_is_recognised_with_its_own_input_conventions(
+    testmodels: Path, tmp_path: Path
+) -> None:
+    case = next(c for c in modelgen.CASES if c.name == "nanodet_float")
+    det = _open(testmodels, case)
+    spec = det.manifest.decoder
+    assert spec.kind == "nanodet" and "NanoDet output" in spec.detected_as
+    assert spec.nanodet is not None and spec.nanodet.reg_max == modelgen.NANODET_REG_MAX
+    assert spec.nanodet.strides == (8, 16, 32)
+    i = det.manifest.input
+    assert (i.channel_order, i.layout, i.dtype) == ("BGR", "NCHW", "float32")
+    assert i.normalization.mean == (103.53, 116.28, 123.675)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("parcel\nperson\ndog\n")  # 3 classes: 4 + 4 x (reg_max + 1) columns remain
+    with pytest.raises(LabelsError, match=r"not 3 \+ 4 x \(reg_max \+ 1\)"):
+        Detector.open(testmodels / f"{case.name}.tflite", labels, resize="stretch")

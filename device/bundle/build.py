@@ -88,7 +88,7 @@ def describe_model(
     runtime: str = "auto",
     anchors: str | Path | None = None,
     resize: str | None = None,
-    channel_order: str = "RGB",
+    channel_order: str | None = None,
     normalization: Normalization | None = None,
     roles: Sequence[str] = (),
     thresholds: Thresholds | None = None,

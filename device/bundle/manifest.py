@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
-DecoderKind = Literal["tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw"]
+DecoderKind = Literal["tflite_postprocess", "yolo_v8", "yolo_v5", "yolo_e2e", "ssd_raw", "nanodet"]
 DECODER_KINDS: tuple[str, ...] = DecoderKind.__args__  # type: ignore[attr-defined]
 
 
@@ -73,11 +73,23 @@ class SsdParams(_Strict):
     background_class: bool = True
 
 
+class NanoDetParams(_Strict):
+    """NanoDet / NanoDet-Plus heads: per grid point, sigmoid class scores then 4 x (reg_max+1)
+    distance bins (left, top, right, bottom; softmax, expectation x stride)."""
+
+    reg_max: Annotated[int, Field(ge=1, le=64)] = 7
+    strides: tuple[int, ...] = Field((8, 16, 32), description="one level per stride, finest first")
+    center_offset: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="grid point centres at (i + offset) x stride (NanoDet-Plus exports: 0)"
+    )
+
+
 class DecoderSpec(_Strict):
     kind: DecoderKind
     outputs: dict[str, TensorSpec] = Field(description="role -> output tensor, by name and shape")
     box_units: Literal["auto", "normalized", "pixels"] = "auto"
     ssd: SsdParams | None = None
+    nanodet: NanoDetParams | None = None
     detected_as: str = Field("", description="how the layout was recognised")
 
 

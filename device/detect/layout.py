@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from device.bundle.manifest import (
     DecoderSpec,
     InputSpec,
+    NanoDetParams,
     Normalization,
     SsdParams,
     TensorSpec,
@@ -23,11 +24,17 @@ from device.errors import LabelsError, ModelError
 FAMILY_NORMALIZATION = {
     "yolo": Normalization(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),  # 0..1
     "ssd": Normalization(mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)),  # -1..1
+    # NanoDet's training config, in its BGR channel order
+    "nanodet": Normalization(mean=(103.53, 116.28, 123.675), std=(57.375, 57.12, 58.395)),
 }
-FAMILY_RESIZE = {"yolo": "letterbox", "ssd": "stretch"}
+FAMILY_RESIZE = {"yolo": "letterbox", "ssd": "stretch", "nanodet": "stretch"}
+FAMILY_CHANNELS = {"yolo": "RGB", "ssd": "RGB", "nanodet": "BGR"}
+NANODET_STRIDES = ((8, 16, 32), (8, 16, 32, 64))  # NanoDet, NanoDet-Plus
 
 
 def family_of(kind: str) -> str:
+    if kind == "nanodet":
+        return "nanodet"
     return "yolo" if kind.startswith("yolo") else "ssd"
 
 
@@ -55,9 +62,9 @@ def input_geometry(facts: ModelFacts) -> tuple[TensorFacts, str, int, int]:
     raise ModelError(f"{facts.path}: image input {t.name} {list(shape)} has no 3-channel axis")
 
 
-def _grid_cells(height: int, width: int) -> int:
-    """Anchor points of a stride 8/16/32 detection head (YOLOv5/v8/11 at this input size)."""
-    return sum(math.ceil(height / s) * math.ceil(width / s) for s in (8, 16, 32))
+def _grid_cells(height: int, width: int, strides: Sequence[int] = (8, 16, 32)) -> int:
+    """Anchor points of a detection head with these strides (YOLOv5/v8/11: 8/16/32)."""
+    return sum(math.ceil(height / s) * math.ceil(width / s) for s in strides)
 
 
 def detect_layout(
@@ -110,6 +117,11 @@ def detect_layout(
         and decoder in ("auto", "yolo_v8", "yolo_v5", "yolo_e2e")
     ):
         spec = _yolo(facts, outs[0], height, width, num_labels, decoder)
+        if spec:
+            return spec
+
+    if len(outs) == 1 and len(outs[0].shape) == 3 and decoder in ("auto", "nanodet"):
+        spec = _nanodet(facts, outs[0], height, width, num_labels, forced=decoder == "nanodet")
         if spec:
             return spec
 
@@ -229,17 +241,59 @@ def _yolo(
     return DecoderSpec(kind=kind, outputs={role: _spec(out)}, detected_as=f"YOLO output {why}")
 
 
+def _nanodet(
+    facts: ModelFacts,
+    out: TensorFacts,
+    height: int,
+    width: int,
+    num_labels: int | None,
+    forced: bool,
+) -> DecoderSpec | None:
+    """``[1, N, nc + 4 * (reg_max + 1)]`` with N the grid points of a stride 8/16/32 (NanoDet)
+    or 8/16/32/64 (NanoDet-Plus) head; reg_max 7 unless the labels say otherwise."""
+    _, rows, cols = out.shape
+    strides = next((st for st in NANODET_STRIDES if _grid_cells(height, width, st) == rows), None)
+    if strides is None:
+        if forced:
+            raise ModelError(
+                f"{facts.path}: output {out.name} {list(out.shape)}: {rows} rows are not the grid "
+                f"points of a {height}x{width} NanoDet head (strides 8/16/32 or 8/16/32/64)"
+            )
+        return None
+    if num_labels is not None:
+        bins, extra = divmod(cols - num_labels, 4)
+        if extra or bins < 2:
+            raise LabelsError(
+                f"labels list {num_labels} classes but {facts.path.name}'s output "
+                f"{out.name} has {cols} columns, not {num_labels} + 4 x (reg_max + 1)"
+            )
+        reg_max = bins - 1
+    else:
+        reg_max = 7
+        if cols - 4 * (reg_max + 1) < 1:
+            return None
+    nc = cols - 4 * (reg_max + 1)
+    return DecoderSpec(
+        kind="nanodet",
+        outputs={"predictions": _spec(out)},
+        nanodet=NanoDetParams(reg_max=reg_max, strides=strides),
+        detected_as=f"NanoDet output [1, N, nc + 4 x (reg_max+1)] with N={rows} grid points "
+        f"(strides {'/'.join(map(str, strides))}), nc={nc}, reg_max={reg_max}",
+    )
+
+
 def default_input_spec(
     facts: ModelFacts,
     kind: str,
     *,
     resize: str | None = None,
-    channel_order: str = "RGB",
+    channel_order: str | None = None,
     normalization: Normalization | None = None,
 ) -> InputSpec:
     """The input spec read from the model, with family defaults for what a model cannot say."""
     tensor, layout, height, width = input_geometry(facts)
     family = family_of(kind)
+    channel_order = channel_order or FAMILY_CHANNELS[family]
     if tensor.dtype not in ("uint8", "int8", "float32"):
         raise ModelError(
             f"{facts.path}: input dtype {tensor.dtype} is not supported (uint8, int8, float32)"
