@@ -150,9 +150,15 @@ def _int8_converter(
 
 
 def job_float(req: dict[str, Any]) -> dict[str, Any]:
-    """Keras / SavedModel -> float32 TFLite."""
+    """Keras / SavedModel -> float TFLite: float32, or with ``fp16`` float16 weights behind
+    DEQUANTIZE ops (TF's float16 post-training quantization, as many exports ship)."""
     conv = _converter(_load_model(req["model"]))
     conv.allow_custom_ops = True
+    if req.get("fp16"):
+        import tensorflow as tf
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
     Path(req["out"]).write_bytes(conv.convert())
     return {}
 
@@ -231,17 +237,21 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
     import ai_edge_quantizer as aq
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=req["model"])
+    from host.tflite_prep import prepare_float_tflite
+
+    # A working copy with float16 weights widened and a signature added where the export had
+    # none (as most TF 2.x exports of float .tflite files have): the user's file is untouched.
+    work = tempfile.mkdtemp(prefix="doorstep-aq-")
+    atexit.register(shutil.rmtree, work, True)
+    model = str(Path(work) / "float32.tflite")
+    for note in prepare_float_tflite(req["model"], model):
+        _say(f"{Path(req['model']).name}: {note}")
+    interp = Interpreter(model_path=model)
     signatures = interp.get_signature_list()
-    if len(signatures) != 1:
-        raise ValueError(
-            f"{req['model']}: ai-edge-quantizer needs exactly one signature, the model has {len(signatures)}; "
-            "re-export it from its SavedModel or Keras source"
-        )
     key = next(iter(signatures))
     input_name = signatures[key]["inputs"][0]
     for run in req["runs"]:
-        quantizer = aq.Quantizer(req["model"])
+        quantizer = aq.Quantizer(model)
         quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
         # The quantizer merges calibration batches with a moving average (0.95), which all but
         # ignores the rare frame with a high value: a detector's class logits are then clipped

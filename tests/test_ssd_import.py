@@ -140,3 +140,53 @@ def test_float_tflite_route_uses_ai_edge_quantizer(
     assert m.input.dtype == "int8" and m.input.normalization.mean == (127.5, 127.5, 127.5)
     dogs = _dogs(Detector(load_bundle(out)), coco_samples)
     assert len(dogs) == 2 and min(s for s, _ in dogs) > 0.6
+
+
+def _strip_signatures(src: Path, dst: Path) -> None:
+    """``src`` with its SignatureDefs removed, as TF 2.x exporters of 2021-2023 wrote models."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(src))
+    model.signatureDefs = []
+    flatbuffer_utils.write_model(model, str(dst))
+
+
+@pytest.mark.timeout(900)
+def test_an_fp16_tflite_without_signature_is_quantized(
+    rebuilt: Path, ssd_labels: Path, coco_samples: Path
+) -> None:
+    """The real SSD exported with float16 weights (DEQUANTIZE ops, TF's own converter) and no
+    SignatureDef: `quantize` widens the weights and adds the signature in a working copy, and
+    the int8 result finds what the float model finds."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from device.detect.model import read_model_facts
+    from host.tfjobs import run_job
+
+    run_job(
+        "float", model=str(rebuilt / "ssd.keras"), out=str(rebuilt / "fp16-sig.tflite"), fp16=True
+    )
+    _strip_signatures(rebuilt / "fp16-sig.tflite", rebuilt / "fp16.tflite")
+    fp16 = rebuilt / "fp16.tflite"
+    assert Interpreter(model_path=str(fp16)).get_signature_list() == {}
+    assert read_model_facts(fp16).ops.get("DEQUANTIZE", 0) > 10
+    before = fp16.read_bytes()
+    out = rebuilt / "int8-fp16"
+    proc = quantize(rebuilt, "fp16.tflite", ssd_labels, coco_samples, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "DEQUANTIZE folded" in proc.stderr
+        and "no signature: added 'serving_default'" in proc.stderr
+    )
+    assert fp16.read_bytes() == before  # the user's file is never changed
+    m = load_bundle(out).manifest
+    assert m.tools["converter"].startswith("ai-edge-quantizer")
+    fl = Detector.open(
+        fp16, ssd_labels, anchors=rebuilt / "graph" / "anchors.npy", iou_threshold=0.6
+    )
+    q = Detector(load_bundle(out))
+    want, got = _dogs(fl, coco_samples), _dogs(q, coco_samples)
+    assert len(want) == len(got) == 2, (want, got)
+    for (ws, wb), (gs, gb) in zip(want, got, strict=True):
+        assert abs(gs - ws) < 0.12 and box_iou(np.array(wb), np.array([gb]))[0] > 0.8
+    assert out.joinpath("model.tflite").stat().st_size < fp16.stat().st_size
