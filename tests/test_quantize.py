@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -280,6 +281,33 @@ def test_bad_input(work: Path, tmp_path: Path, args: list[str], message: str) ->
     assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_an_fp16_tflite_without_signature_passes_the_quality_gate(work: Path) -> None:
+    """The red-box detector exported by TensorFlow's float16 converter, signatures stripped (as
+    most float .tflite files people have): quantized through ai-edge-quantizer, it keeps the
+    float16 model's AP within the gate."""
+    from support.tflite_edit import strip_signatures
+
+    from host.tfjobs import run_job
+
+    run_job(
+        "float",
+        model=str(work / "redbox.keras"),
+        out=str(work / "redbox-fp16-sig.tflite"),
+        fp16=True,
+    )
+    strip_signatures(work / "redbox-fp16-sig.tflite", work / "redbox-fp16.tflite")
+    proc = quantize_gated(work, "redbox-fp16.tflite", work / "int8-fp16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEQUANTIZE folded" in proc.stderr and "added 'serving_default'" in proc.stderr
+    assert "quality gate passed" in proc.stderr
+    m = load_bundle(work / "int8-fp16").manifest
+    assert m.tools["converter"].startswith("ai-edge-quantizer")
+    ev: dict[str, Any] = m.evaluation or {}
+    assert ev["int8"]["ap50"] >= ev["float"]["ap50"] - 0.01, ev
+    print(f"redbox float16 .tflite without signature: AP50 float {ev['float']['ap50']}, "
+          f"int8 {ev['int8']['ap50']}")  # fmt: skip
 
 
 def test_a_broken_or_already_quantized_tflite_is_explained(

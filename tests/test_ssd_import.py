@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import HAS_TF, SHARED
+from support.tflite_edit import strip_signatures
 
 from device.bundle.store import load_bundle
 from device.detect.detector import Detector
@@ -142,15 +143,6 @@ def test_float_tflite_route_uses_ai_edge_quantizer(
     assert len(dogs) == 2 and min(s for s, _ in dogs) > 0.6
 
 
-def _strip_signatures(src: Path, dst: Path) -> None:
-    """``src`` with its SignatureDefs removed, as TF 2.x exporters of 2021-2023 wrote models."""
-    from ai_edge_litert.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.read_model(str(src))
-    model.signatureDefs = []
-    flatbuffer_utils.write_model(model, str(dst))
-
-
 @pytest.mark.timeout(900)
 def test_an_fp16_tflite_without_signature_is_quantized(
     rebuilt: Path, ssd_labels: Path, coco_samples: Path
@@ -166,7 +158,7 @@ def test_an_fp16_tflite_without_signature_is_quantized(
     run_job(
         "float", model=str(rebuilt / "ssd.keras"), out=str(rebuilt / "fp16-sig.tflite"), fp16=True
     )
-    _strip_signatures(rebuilt / "fp16-sig.tflite", rebuilt / "fp16.tflite")
+    strip_signatures(rebuilt / "fp16-sig.tflite", rebuilt / "fp16.tflite")
     fp16 = rebuilt / "fp16.tflite"
     assert Interpreter(model_path=str(fp16)).get_signature_list() == {}
     assert read_model_facts(fp16).ops.get("DEQUANTIZE", 0) > 10
