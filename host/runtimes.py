@@ -159,13 +159,13 @@ def _child(model: str, frame: str, runtime: str, out: str, labels: str | None = 
     if image is None:
         raise DoorstepError(f"{frame}: not an image")
     det = Detector.open(model, labels, runtime=runtime, num_threads=1)
+    outputs, geometry = det.infer(image)  # one invoke: the raw tensors, then their decoding
     error = None
     try:
-        dets = [d.to_json() for d in det.detect(image)]
+        dets = [d.to_json() for d in det.decode(outputs, geometry)]
     except DoorstepError as exc:
         dets, error = [], str(exc)
-    outputs = {role: o.data for role, o in det._outputs_now().items()}
-    np.savez(Path(out).with_suffix(".npz"), **outputs)
+    np.savez(Path(out).with_suffix(".npz"), **{role: o.data for role, o in outputs.items()})
     meta = {"version": det.runtime_version, "detections": dets, "error": error}
     Path(out).with_suffix(".json").write_text(json.dumps(meta))
     return 0

@@ -30,6 +30,7 @@ def device_pyproject(text: str) -> str:
     a line it expects is gone, so a change to the file cannot silently put host code back."""
     edits = [
         (r'(?m)^include = \["device\*", "host\*"\]$', 'include = ["device*"]'),
+        (r'(?m)^(# host/models/ holds no code.*\n)(#.*\n)*exclude = \["host\.models\*"\]\n', ""),
         (r'(?m)^doorstep-host = "host\.cli:main"\n', ""),
         (r"(?ms)^host = \[\n.*?^\]\n", ""),  # the host extra
         (r'(?m)^host = \["py\.typed"\]\n', ""),  # its package data

@@ -72,3 +72,35 @@ def test_variants_for_tests_are_built_the_same_way(tmp_path: Path) -> None:
 
     wheel = build_device_wheel(ROOT, tmp_path, edit=bump)
     assert wheel.name == "doorstep-0.1.9-py3-none-any.whl"
+
+
+@pytest.mark.timeout(300)
+def test_the_full_wheel_leaves_the_float_model_out_even_with_a_stale_egg_info(
+    tmp_path: Path,
+) -> None:
+    """The checkout's own wheel (host and device, for a workstation) is built in place, where
+    an egg-info from an older build may list host/models/: it still carries no float model."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for package in ("device", "host"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert (src / "host" / "models" / "parcel-ssd.keras").is_file()
+    stale = src / "doorstep.egg-info"
+    stale.mkdir()
+    (stale / "SOURCES.txt").write_text(
+        "".join(f"host/models/{p.name}\n" for p in (src / "host" / "models").iterdir())
+    )
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("doorstep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "host/cli.py" in names  # the full wheel: host code is in it
+    assert not [n for n in names if n.startswith("host/models/") or n.endswith(".keras")]

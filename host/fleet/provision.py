@@ -323,13 +323,15 @@ def parse_facts(text: str) -> ProvisionFacts:
 
 @dataclass(frozen=True)
 class PStep:
-    """One provisioning step: ``kind`` names it, ``detail`` says what it will do."""
+    """One provisioning step: ``kind`` names it, ``detail`` says what it will do, ``names``
+    are what it acts on (the apt packages, the groups)."""
 
     kind: Literal[
         "apt", "groups", "user", "deploy-user", "venv", "switch", "config", "sudo-rule", "unit",
         "service", "health",
     ]  # fmt: skip
     detail: str
+    names: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"{self.kind:<12} {self.detail}"
@@ -388,10 +390,12 @@ def plan_provision(
     if o.wants_picamera2 and not facts.picamera2:
         packages.append("python3-picamera2")
     if packages:
-        steps.append(PStep("apt", f"apt-get install -y {' '.join(packages)}"))
+        steps.append(PStep("apt", f"apt-get install -y {' '.join(packages)}", tuple(packages)))
     missing_groups = [g for g in ("video", "i2c") if g not in facts.groups]
     if missing_groups:
-        steps.append(PStep("groups", f"groupadd --system {' '.join(missing_groups)}"))
+        steps.append(
+            PStep("groups", f"groupadd --system {' '.join(missing_groups)}", tuple(missing_groups))
+        )
     if not facts.user:
         steps.append(PStep("user", f"useradd --system --user-group {RUN_USER} (groups video, i2c)"))
     elif not (facts.member(RUN_USER, "video") and facts.member(RUN_USER, "i2c")):

@@ -116,16 +116,17 @@ class DeviceProvision:
         for step in plan.steps:
             self.progress.phase(self.device.name, step.kind, step.detail[:60])
             if step.kind == "apt":
-                pkgs = step.detail.removeprefix("apt-get install -y ")
                 await self.root(
-                    f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {pkgs}",
+                    "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                    + " ".join(q(n) for n in step.names),
                     "apt",
                     timeout=1800,
                 )
             elif step.kind == "groups":
-                names = step.detail.removeprefix("groupadd --system ").split()
                 await self.root(
-                    " && ".join(f"groupadd {self._user_flags()}--system {q(g)}" for g in names),
+                    " && ".join(
+                        f"groupadd {self._user_flags()}--system {q(g)}" for g in step.names
+                    ),
                     "groups",
                 )
             elif step.kind == "user":
