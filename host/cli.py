@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  doorstep-host evaluate int8/ --data labeled/\n"
         "  doorstep-host bench float.tflite int8/\n"
         "  doorstep-host demo --out demo/\n"
+        "  doorstep-host export device/models/parcel-ssd --out frigate-model/\n"
         "  doorstep-host sign int8/ --key keys/signing.key\n"
         "  doorstep-host deploy int8/ --fleet configs/fleet.yaml --dry-run",
     )
@@ -323,6 +324,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", metavar="DIR", help="where to write (default: demo/)")
 
     p = sub.add_parser(
+        "export",
+        formatter_class=formatter,
+        help="write a bundle's SSD as one detect.tflite for Frigate and the picamera2 examples",
+        description="Write DIR/detect.tflite and DIR/labelmap.txt: the bundle's int8 SSD ending "
+        "in TFLite_Detection_PostProcess, as Frigate's CPU detector and the picamera2 TensorFlow "
+        "examples load it: a uint8 [1, H, W, 3] input fed raw RGB pixels stretched to the input "
+        "size, and four float outputs in this fixed order: boxes [1, M, 4] (ymin, xmin, ymax, "
+        "xmax, 0..1), classes [1, M], scores [1, M], count [1]. The network's weights are the "
+        "bundle's own; the file is run once before it is reported written. With --eval, the "
+        "bundle and the exported file are scored side by side on a labeled set.",
+        epilog="examples:\n"
+        "  doorstep-host export device/models/parcel-ssd --out frigate-model/\n"
+        "  doorstep-host export int8-bundle/ --size 320 --out frigate-model/\n"
+        "  doorstep-host export int8-bundle/ --out out/ --eval parcel-model/val",
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory or .tar with an SSD")
+    p.add_argument("--format", choices=("ssd-postprocess",), default="ssd-postprocess")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write")
+    p.add_argument(
+        "--size",
+        type=int,
+        metavar="N",
+        help="input N x N (e.g. 320), resized inside the model to the network's own size "
+        "(default: the network's size, 300 for the parcel model)",
+    )
+    p.add_argument(
+        "--max-detections", type=int, default=20, metavar="M", help="rows M (default: 20)"
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.01,
+        metavar="S",
+        help="lowest score kept by the op (default: 0.01; the tools apply their own threshold)",
+    )
+    p.add_argument("--eval", metavar="DATA", help="a labeled set: AP of the bundle and the export")
+
+    p = sub.add_parser(
         "wheel",
         formatter_class=formatter,
         help="build the device wheel a Pi installs (device code only)",
@@ -372,6 +411,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from host.demo import run_demo
 
     return run_demo(args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from host.export import export_ssd_postprocess
+
+    result = export_ssd_postprocess(
+        args.bundle, args.out, args.size, args.max_detections, args.score_threshold
+    )
+    print(result.text())
+    if args.eval:
+        from device.detect.detector import Detector
+        from host.datasets import load_dataset
+        from host.evaluate import evaluate_detector, evaluate_function, format_table
+        from host.export import ExportedDetector
+
+        dataset = load_dataset(args.eval)
+        bundle = Detector.open(args.bundle)
+        exported = ExportedDetector(result.model)
+        rows = [
+            evaluate_detector(bundle, dataset, name=f"bundle {args.bundle}"),
+            evaluate_function(
+                exported.detect,
+                bundle.labels,
+                dataset,
+                None,
+                bundle.score_threshold,
+                f"export {result.model}",
+            ),
+        ]
+        print(format_table(rows))
+    return 0
 
 
 def cmd_wheel(args: argparse.Namespace) -> int:
@@ -531,6 +601,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "wheel": cmd_wheel,
+    "export": cmd_export,
     "watch": cmd_watch,
     **FLEET_COMMANDS,
 }

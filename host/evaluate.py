@@ -12,7 +12,7 @@ import contextlib
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,12 +219,38 @@ def evaluate_detector(
     show_progress: bool = True,
 ) -> ModelScore:
     """Run ``detector`` over ``dataset`` and score it (AP at all scores, P/R/F1 at the threshold)."""
-    import cv2
-
-    mapping = class_mapping(detector.labels, dataset, label_map or {})
     operating = detector.score_threshold if threshold is None else threshold
     detector.score_threshold = min(0.01, operating)  # AP needs the low-scoring detections too
     detector.max_detections = 100
+
+    def detect(image: np.ndarray) -> list[tuple[int, float, tuple[float, ...]]]:
+        return [(d.class_id, d.score, d.box) for d in detector.detect(image)]
+
+    return evaluate_function(
+        detect,
+        detector.labels,
+        dataset,
+        label_map,
+        operating,
+        name or str(detector.bundle.source),
+        show_progress,
+    )
+
+
+def evaluate_function(
+    detect: Callable[[np.ndarray], Iterable[tuple[int, float, Sequence[float]]]],
+    labels: Sequence[str],
+    dataset: Dataset,
+    label_map: dict[str, str] | None,
+    threshold: float,
+    name: str,
+    show_progress: bool = True,
+) -> ModelScore:
+    """Score any detector given as ``detect(bgr_image) -> [(class_id, score, xyxy pixels)]``
+    over ``labels`` (a model outside doorstep's decoders, such as an exported file)."""
+    import cv2
+
+    mapping = class_mapping(list(labels), dataset, label_map or {})
     detections: list[dict[str, Any]] = []
     sizes = []
     for i, sample in enumerate(dataset.samples):
@@ -234,25 +260,25 @@ def evaluate_detector(
                 f"{sample.image}: missing or unreadable image of the evaluation set"
             )
         sizes.append((image.shape[1], image.shape[0]))
-        for det in detector.detect(image):
-            if det.class_id in mapping:
-                x1, y1, x2, y2 = det.box
+        for class_id, det_score, box in detect(image):
+            if class_id in mapping:
+                x1, y1, x2, y2 = (float(v) for v in box)
                 detections.append(
                     {
                         "image_id": i,
-                        "category_id": mapping[det.class_id],
+                        "category_id": mapping[class_id],
                         "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "score": det.score,
+                        "score": float(det_score),
                     }
                 )
         if show_progress and ((i + 1) % 10 == 0 or i + 1 == len(dataset.samples)):
             print(
-                f"  {name or detector.bundle.source.name}: {i + 1}/{len(dataset.samples)} images",
+                f"  {Path(name).name or name}: {i + 1}/{len(dataset.samples)} images",
                 file=sys.stderr,
                 flush=True,
             )
     gt = _coco_objects(dataset, sizes)
-    return score(detections, gt, dataset.names, operating, name or str(detector.bundle.source))
+    return score(detections, gt, dataset.names, threshold, name)
 
 
 def format_table(scores: Sequence[ModelScore]) -> str:
