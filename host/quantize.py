@@ -15,6 +15,7 @@ Steps (TensorFlow runs in a child process, the device's detector in this one):
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -204,11 +205,6 @@ def quantize(args: argparse.Namespace) -> Bundle | None:
         Thresholds(score=args.threshold, iou=args.iou)
     except ValueError as exc:
         raise QuantizeError(f"--threshold/--iou: {exc}") from None
-    if args.fix and kind == "tflite":
-        raise QuantizeError(
-            "--fix needs the model's Keras or SavedModel source: it keeps layers in float through "
-            "TensorFlow's converter, which cannot read a .tflite"
-        )
     names = read_labels(args.labels)  # refuse bad labels and evaluation sets before the slow work
     if args.eval:
         from host.datasets import load_dataset
@@ -408,49 +404,85 @@ def _gate(
     if drop <= args.max_drop:
         say(f"  quality gate passed: AP@0.5 drop {drop:.2f} points <= {args.max_drop}")
         return q, report
-    if args.fix and model.suffix == ".tflite":
-        raise QualityGateError(
-            f"quality gate failed: int8 AP@0.5 is {drop:.2f} points below float; --fix needs the model's "
-            "Keras or SavedModel source (it keeps layers in float through TensorFlow's converter)"
-        )
     if not args.fix:
         raise QualityGateError(
             f"quality gate failed: int8 AP@0.5 is {drop:.2f} points below float (allowed {args.max_drop}); "
             "rerun with --fix to keep the most sensitive layers in float, or calibrate on more varied images"
         )
     say(f"  AP@0.5 drop {drop:.2f} points > {args.max_drop}: ranking layers by quantization error")
-    layers = run_job(
-        "sensitivity",
-        model=str(model),
-        files=[str(p) for p in calib.files],
-        input_spec=spec,
-        input_type=args.input_type,
-    )["layers"]
+    files = [str(p) for p in calib.files]
+    tflite = model.suffix == ".tflite"
+    units: dict[str, list[str]] = {}
+
+    def ops_of(keep: list[str]) -> list[str]:
+        return list(dict.fromkeys(op for k in keep for op in units.get(k, [k])))
+
+    if tflite:
+        # ai-edge-quantizer: the float and int8 models run side by side; each op is ranked by
+        # the signal-to-noise ratio it loses, input to output, and kept in float by name.
+        report_path = work / "op-errors.json"
+        run_job(
+            "aq_quantize",
+            model=str(fl.path),
+            input_spec=spec,
+            runs=[
+                {
+                    "files": files,
+                    "out": str(work / "ranked.tflite"),
+                    "label": "error ranking",
+                    "validate": files[:20],
+                    "validate_out": str(report_path),
+                }
+            ],
+        )
+        rows = [row for row in json.loads(report_path.read_text()) if row["loss_db"] > 0]
+        layers = [{**row, "rmse_over_scale": row["loss_db"]} for row in rows]
+        # Kept in float, an op's output is quantized again where an int8 op reads it: the
+        # unit kept in float is the op with its readers, so the tensor stays float.
+        units = {row["tensor"]: [row["tensor"], *row["consumers"]] for row in rows}
+        say("    dB lost  op                 output tensor")
+    else:
+        layers = run_job(
+            "sensitivity",
+            model=str(model),
+            files=files,
+            input_spec=spec,
+            input_type=args.input_type,
+        )["layers"]
     for row in layers[:5]:
         say(f"    {row['rmse_over_scale']:10.3f}  {row['op']:<18} {row['tensor']}")
     ranked = [row["tensor"] for row in layers]
+    if not ranked:
+        raise QualityGateError(
+            f"quality gate failed: int8 AP@0.5 is {drop:.2f} points below float and no op loses "
+            "accuracy of its own: check the input range and calibration images"
+        )
     tries = 0
 
     def attempt(keep: list[str]) -> tuple[Candidate, Any, float]:
         nonlocal tries
         tries += 1
         path = work / f"fix{tries}.tflite"
-        run_job(
-            "quantize",
-            model=str(model),
-            input_spec=spec,
-            input_type=args.input_type,
-            denylist=keep,
-            runs=[
-                {
-                    "files": [str(p) for p in calib.files],
-                    "out": str(path),
-                    "label": f"{len(keep)} in float",
-                }
-            ],
-        )
-        cand = _checked_int8(path, fl, args, frames, kept_float=len(keep))
-        cs = score(cand, f"int8, {len(keep)} float layer(s)")
+        run = {"files": files, "out": str(path), "label": f"{len(keep)} in float"}
+        if tflite:
+            run_job(
+                "aq_quantize",
+                model=str(fl.path),
+                input_spec=spec,
+                float_ops=ops_of(keep),
+                runs=[run],
+            )
+        else:
+            run_job(
+                "quantize",
+                model=str(model),
+                input_spec=spec,
+                input_type=args.input_type,
+                denylist=keep,
+                runs=[run],
+            )
+        cand = _checked_int8(path, fl, args, frames, kept_float=len(ops_of(keep)))
+        cs = score(cand, f"int8, {len(ops_of(keep))} float layer(s)")
         return cand, cs, (fs.overall.ap50 - cs.overall.ap50) * 100
 
     # Grow the most sensitive prefix until the budget holds, then drop every layer that is not
@@ -481,6 +513,7 @@ def _gate(
             best = (trial, cand, cs, d)
             say(f"  not needed in float: {layer} (drop {d:.2f} without it)")
     keep, cand, cs, fixed_drop = best
+    keep = ops_of(keep)
     lat = quick_latency(cand.path)
     print(format_table([fs, qs, cs]))
     say(f"  fixed: kept {len(keep)} layer(s) in float: {'; '.join(keep)}")

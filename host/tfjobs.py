@@ -234,7 +234,6 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
     """
     from importlib import metadata
 
-    import ai_edge_quantizer as aq
     from ai_edge_litert.interpreter import Interpreter
 
     from host.tflite_prep import prepare_float_tflite
@@ -251,8 +250,7 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
     key = next(iter(signatures))
     input_name = signatures[key]["inputs"][0]
     for run in req["runs"]:
-        quantizer = aq.Quantizer(model)
-        quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
+        quantizer = _aq_quantizer(model, req.get("float_ops", []))
         # The quantizer merges calibration batches with a moving average (0.95), which all but
         # ignores the rare frame with a high value: a detector's class logits are then clipped
         # and every detection's score capped. Calibrate frame by frame and keep the true range.
@@ -266,9 +264,108 @@ def job_aq_quantize(req: dict[str, Any]) -> dict[str, Any]:
                     ranges[name] = dict(qsv)
         result = quantizer.quantize(ranges, enable_progress_report=False)
         Path(run["out"]).write_bytes(result.quantized_model)
+        if run.get("validate"):  # the per-op error of this quantization, for --fix
+            ops = _aq_op_errors(quantizer, model, key, input_name, run["validate"], req)
+            Path(run["validate_out"]).write_text(json.dumps(ops))
     return {
         "converter": f"ai-edge-quantizer {metadata.version('ai-edge-quantizer')} (static_wi8_ai8)"
     }
+
+
+def _aq_quantizer(model: str, float_ops: list[str]) -> Any:
+    """ai-edge-quantizer's full-integer recipe, with the ops writing ``float_ops`` (their
+    output tensors' names) left in float (``--fix``)."""
+    import re
+
+    import ai_edge_quantizer as aq
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    quantizer = aq.Quantizer(model)
+    quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
+    for name in float_ops:
+        quantizer.update_quantization_recipe(
+            regex=f"^{re.escape(name)};",  # a scope: its output names, each ending in ";"
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            algorithm_key=AlgorithmName.NO_QUANTIZE,
+        )
+    return quantizer
+
+
+def _aq_op_errors(
+    quantizer: Any, model: str, key: str, input_name: str, files: list[str], req: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every op of ``model`` with the error its quantization adds, worst first.
+
+    ai-edge-quantizer runs the float and the quantized model side by side and gives each
+    tensor's signal-to-noise ratio against the float one; an op's own error is how many dB it
+    loses from its noisiest input to its output (errors of the layers before it are not its).
+    A tensor that is 0 in the float model (no signal) is left out."""
+    import math
+
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer.utils import validation_utils
+
+    frames = [{input_name: f[0]} for f in _representative(files, req["input_spec"], "error run")()]
+    result = quantizer.validate(
+        test_data={key: frames},
+        error_metrics=[validation_utils.ValidationErrorMetric.SNR],
+        use_xnnpack=False,
+        num_threads=1,
+    )
+    snr = {
+        name: next(iter(metrics.values()))
+        for name, metrics in result.get_all_tensor_results().items()
+    }
+
+    def db(name: str) -> float | None:
+        value = snr.get(name)
+        if value is None or float(value) <= 0.0:  # not compared, or no signal to compare
+            return None
+        return 10 * math.log10(float(value))
+
+    fm = flatbuffer_utils.read_model(model)
+    graph = fm.subgraphs[0]
+    codes = [flatbuffer_utils.get_builtin_code_from_operator_code(c) for c in fm.operatorCodes]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+    def constant(index: int) -> bool:
+        data = fm.buffers[graph.tensors[index].buffer].data
+        return data is not None and len(data) > 0
+
+    def first_output(op: Any) -> str:
+        return str(graph.tensors[int(op.outputs[0])].name.decode())
+
+    readers: dict[int, list[str]] = {}
+    for op in graph.operators:
+        for i in op.inputs:
+            readers.setdefault(int(i), []).append(first_output(op))
+    ops = []
+    for op in graph.operators:
+        out = first_output(op)
+        out_db = db(out)
+        if out_db is None:
+            continue
+        ins = [
+            db(graph.tensors[int(i)].name.decode())
+            for i in op.inputs
+            if int(i) >= 0 and not constant(int(i))
+        ]
+        ins_db = [v for v in ins if v is not None]
+        worst_in = min(ins_db) if ins_db else 120.0
+        ops.append(
+            {
+                "tensor": out,
+                "op": names.get(codes[op.opcodeIndex], str(codes[op.opcodeIndex])),
+                "snr_db": round(out_db, 2),
+                "loss_db": round(worst_in - out_db, 2),
+                # kept in float, an op's output would still be quantized again for these
+                "consumers": sorted({r for i in op.outputs for r in readers.get(int(i), [])}),
+            }
+        )
+    ops.sort(key=lambda r: -r["loss_db"])
+    return ops
 
 
 def job_train(req: dict[str, Any]) -> dict[str, Any]:

@@ -310,6 +310,40 @@ def test_an_fp16_tflite_without_signature_passes_the_quality_gate(work: Path) ->
           f"int8 {ev['int8']['ap50']}")  # fmt: skip
 
 
+@pytest.mark.timeout(900)  # quantizes again per trial: 10 s on a quiet machine
+def test_fix_on_an_fp16_tflite_keeps_the_culprits_in_float(work: Path) -> None:
+    """--fix without the Keras source: the fragile detector as a float16, signature-less
+    .tflite. ai-edge-quantizer's float-vs-int8 comparison ranks the ops, and the outlier conv
+    with the conv that reads it stay float (as the Keras route finds)."""
+    from support.tflite_edit import strip_signatures
+
+    from host.tfjobs import run_job
+
+    run_job(
+        "float", model=str(work / "fragile.keras"), out=str(work / "fragile-sig.tflite"), fp16=True
+    )
+    strip_signatures(work / "fragile-sig.tflite", work / "fragile-fp16.tflite")
+    failed = quantize_gated(work, "fragile-fp16.tflite", work / "fragile-tflite-int8")
+    assert failed.returncode == 2 and "quality gate failed" in failed.stderr  # it does break
+    out = work / "fragile-tflite-fixed"
+    proc = quantize_gated(work, "fragile-fp16.tflite", out, "--fix")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dB lost" in proc.stderr  # the ranking is shown
+    m = load_bundle(out).manifest
+    assert m.tools["converter"].startswith("ai-edge-quantizer")
+    fix = (m.evaluation or {})["fix"]
+    assert fix["drop_before_points"] > 10 >= 1.0 >= fix["drop_after_points"]
+    layers = fix["float_layers"]
+    assert any("redness" in t for t in layers) and any("select" in t for t in layers)
+    assert len(layers) <= 4, layers  # the culprits, not the model
+    from host.quantize import float_ops
+
+    ops = float_ops(out / "model.tflite")
+    assert 0 < sum(ops.values()) <= 12, ops  # most of the model is still int8
+    print(f"fragile fp16 .tflite --fix: AP50 drop {fix['drop_before_points']} -> "
+          f"{fix['drop_after_points']} points, float: {layers}")  # fmt: skip
+
+
 def test_a_broken_or_already_quantized_tflite_is_explained(
     work: Path, bundle: Path, tmp_path: Path
 ) -> None:
