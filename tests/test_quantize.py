@@ -344,6 +344,72 @@ def test_fix_on_an_fp16_tflite_keeps_the_culprits_in_float(work: Path) -> None:
           f"{fix['drop_after_points']} points, float: {layers}")  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", ["v8", "v5"])
+def test_fp16_yolo_layout_tflite_quantizes_and_int8_finds_what_float_finds(
+    tmp_path: Path, layout: str
+) -> None:
+    """A real detector (our float parcel model, re-headed in the graph) as a YOLOv8 or YOLOv5
+    float16 export without a signature, quantized through the .tflite route: on the real
+    photos of ../shared the int8 model finds every parcel the float one finds."""
+    from device.bundle.build import parse_normalization
+
+    root = Path(__file__).resolve().parents[1]
+    calib = SHARED / "data" / "porch-2211" / "images"
+    packages = SHARED / "data" / "packages-v6"
+    if not calib.is_dir() or not packages.is_dir():
+        pytest.skip("needs ../shared/data/porch-2211 and packages-v6")
+    models, labels = root / "host" / "models", root / "host" / "models" / "labels.txt"
+    subject = tmp_path / f"yolo{layout}-fp16.tflite"
+    subprocess.run(
+        [sys.executable, "-m", "support.yolo_wrap", str(models / "parcel-ssd.keras"),
+         str(models / "anchors.npy"), str(subject), layout],
+        check=True, cwd=Path(__file__).parent, env=ENV, capture_output=True, timeout=300,
+    )  # fmt: skip
+    # The subject's N is the SSD's 1917 anchors, not a YOLOv5 grid's 3 x cells: name the
+    # layout (a one-class YOLOv5 row has the 6 columns of an end-to-end export).
+    decoder = {"v8": "yolo_v8", "v5": "yolo_v5"}[layout]
+    out = tmp_path / "int8"
+    proc = host(
+        "quantize", str(subject), "--labels", str(labels), "--calib", str(calib),
+        "--decoder", decoder, "--normalization", "ssd", "--resize", "stretch", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEQUANTIZE folded" in proc.stderr and "added 'serving_default'" in proc.stderr
+    assert f"layout: {decoder}" in proc.stderr
+    q = Detector.open(out)
+    assert q.manifest.decoder.kind == decoder and q.manifest.input.dtype == "int8"
+    f = Detector.open(
+        subject, labels, decoder=decoder, normalization=parse_normalization("ssd"),
+        resize="stretch",
+    )  # fmt: skip
+    photos = sorted(packages.glob("*/images/*.jpg")) + sorted(calib.glob("*.jpg"))
+    found, ious, diffs = 0, [], []
+    for photo in photos:
+        image = cv2.imread(str(photo))
+        theirs = q.detect(image)
+        for d in f.detect(image):
+            iou = max((float(box_iou(np.array(d.box), np.array([t.box]))[0]) for t in theirs),
+                      default=0.0)  # fmt: skip
+            if iou >= 0.5:
+                match = max(
+                    theirs, key=lambda t: float(box_iou(np.array(d.box), np.array([t.box]))[0])
+                )
+                found += 1
+                ious.append(iou)
+                diffs.append(abs(match.score - d.score))
+    floats = sum(len(f.detect(cv2.imread(str(p)))) for p in photos)
+    from host.quantize import quick_latency
+
+    ms = quick_latency(subject), quick_latency(q.bundle.model_path)
+    print(f"YOLO{layout} fp16 .tflite: {len(photos)} photos, float {floats} detections, int8 found "
+          f"{found}; min IoU {min(ious):.3f}, max score difference {max(diffs):.3f}; sizes "
+          f"{subject.stat().st_size / 1e6:.2f} -> {q.bundle.model_path.stat().st_size / 1e6:.2f} MB; "
+          f"invoke at 1 thread {ms[0]:.1f} -> {ms[1]:.1f} ms")  # fmt: skip
+    assert floats >= 50  # the float subject finds the parcels: a meaningful comparison
+    assert found >= 0.95 * floats
+    assert np.median(ious) >= 0.9 and max(diffs) <= 0.15
+
+
 def test_a_broken_or_already_quantized_tflite_is_explained(
     work: Path, bundle: Path, tmp_path: Path
 ) -> None:
