@@ -224,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
 
     p = sub.add_parser(
+        "update",
+        formatter_class=formatter,
+        help="pull-mode update: fetch and switch to the bundle the broker's desired topic names",
+        description="One pass of the pull agent the daemon runs when update.enabled is set: read "
+        "the retained <prefix>/<device_id>/desired message, refuse what update.* and the "
+        "signing keys do not allow, download the bundle over HTTP(S) (resumed with Range), "
+        "install and activate it, reload the daemon (or self-test the model when no daemon "
+        "runs), roll back if it does not serve within the message's deadline, and publish the "
+        "retained <prefix>/<device_id>/update report (also printed). Exit 0: serving or "
+        "nothing desired; 1: failed or rolled back; 2: bad input.",
+        epilog="example:\n  doorstep-device update --once --config /etc/doorstep/device.yaml",
+    )
+    p.add_argument("--once", action="store_true", required=True, help="one pass, then exit")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument(
+        "--wait", type=float, default=10.0, metavar="S", help="broker timeouts (default: 10)"
+    )
+
+    p = sub.add_parser(
         "schemas",
         formatter_class=formatter,
         help="write the JSON Schemas of the MQTT payloads",
@@ -861,6 +880,13 @@ def cmd_unit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    from device.config import load_config
+    from device.update.once import run_once
+
+    return run_once(load_config(config_path(args.config)), args.wait)
+
+
 def cmd_config_path(args: argparse.Namespace) -> int:
     print(config_path(None))
     return 0
@@ -883,6 +909,7 @@ COMMANDS = {
     "activate": cmd_activate,
     "rollback": cmd_rollback,
     "prune": cmd_prune,
+    "update": cmd_update,
 }
 
 

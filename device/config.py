@@ -320,6 +320,44 @@ class SigningConfig(Section):
     )
 
 
+class UpdateConfig(Section):
+    """Pull-mode updates: the device follows the bundle a rollout names on its retained
+    ``<prefix>/<device_id>/desired`` topic, downloads it over HTTP(S) and switches to it."""
+
+    enabled: bool = Field(False, description="follow the desired topic (needs mqtt and signing)")
+    allowed_url_prefixes: Annotated[
+        list[Annotated[str, Field(min_length=8, max_length=512, pattern=r"^https?://")]],
+        Field(max_length=16),
+    ] = Field(
+        default_factory=list,
+        description="a desired bundle URL must start with one of these (e.g. "
+        "https://models.example.com/doorstep/); at least one when enabled",
+    )
+    max_bundle_mb: Annotated[float, Field(gt=0, le=4096)] = Field(
+        200, description="a desired bundle larger than this (MB) is refused before download"
+    )
+    rate_limit_kbps: Annotated[float, Field(gt=0, le=10_000_000)] | None = Field(
+        None, description="download rate limit in kilobytes per second; null: none"
+    )
+    ca_file: NonEmptyPath | None = Field(
+        None, description="CA certificate(s) (PEM) for an https origin; null: the system's"
+    )
+    timeout_s: Annotated[float, Field(ge=1, le=3600)] = Field(
+        30, description="a download that receives nothing for this long is dropped (and resumed)"
+    )
+    retry_min_s: Annotated[float, Field(ge=0.1, le=3600)] = Field(
+        5, description="first wait after a failed download; doubled per failure"
+    )
+    retry_max_s: Annotated[float, Field(ge=1, le=86_400)] = Field(
+        600, description="the longest wait between download attempts"
+    )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_beside_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else beside_config(value, info)
+
+
 class DeviceConfig(Section):
     """The doorbell's whole configuration."""
 
@@ -351,6 +389,26 @@ class DeviceConfig(Section):
     power: PowerConfig | None = Field(
         None, description="power meter (by `type`); null reports no power"
     )
+    update: UpdateConfig = Field(
+        UpdateConfig(), description="pull-mode updates announced over MQTT (off by default)"
+    )
+
+    @model_validator(mode="after")
+    def _update_needs_broker_and_keys(self) -> DeviceConfig:
+        if self.update.enabled:
+            missing = [
+                what
+                for what, ok in (
+                    ("an mqtt section (the desired topic comes from the broker)", self.mqtt),
+                    ("signing.public_keys (only signed bundles are pulled)",
+                     self.signing.public_keys),
+                    ("update.allowed_url_prefixes", self.update.allowed_url_prefixes),
+                )
+                if not ok
+            ]  # fmt: skip
+            if missing:
+                raise ValueError("update.enabled needs " + "; ".join(missing))
+        return self
 
     @field_validator("state_dir")
     @classmethod

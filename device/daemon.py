@@ -78,6 +78,9 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.reload = reload or threading.Event()
         self.reload_config = reload_config
+        self._reloads = threading.Condition()  # notified after each reload (the update agent)
+        self._reload_count = 0
+        self.update_agent: Any = None  # device.update.agent.UpdateAgent with update.enabled
         self.notify = Notifier()
         state_dir = Path(cfg.state_dir)
         short = check_writable(state_dir, "state directory", STATE_DIR_FIX)
@@ -217,6 +220,7 @@ class Daemon:
         status = 0
         try:
             self.announce.start(self.det.manifest.name, __version__, self.state())
+            self._start_updates()
             with self.source:
                 self.notify.ready(f"{m.name} {m.version} on {det.runtime_version}")
                 self._loop()
@@ -280,7 +284,9 @@ class Daemon:
                 "the service is restarted"
             )
         if silent >= stall_s and stall.enter(f"no frame for {stall_s:g} s"):
-            self.notify.status(f"source stalled: {self.source.describe()}, no frame for {silent:.0f} s")
+            self.notify.status(
+                f"source stalled: {self.source.describe()}, no frame for {silent:.0f} s"
+            )
             self.log.emit(
                 "source_stalled",
                 f"{self.source.describe()}: no frame for {silent:.1f} s",
@@ -325,7 +331,45 @@ class Daemon:
         self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
         self.announce.event(event, frame.image, self.pipeline.tracker)
 
+    def _start_updates(self) -> None:
+        """Pull mode (``update.enabled``): the agent follows the desired topic in its thread;
+        the model switch itself is a reload in this loop (detection waits only for that)."""
+        publisher = self.announce.publisher
+        if not self.cfg.update.enabled or publisher is None:
+            return
+        from device.install import trusted_keys
+        from device.update.agent import UpdateAgent
+
+        self.update_agent = UpdateAgent(
+            self.cfg.update,
+            self.store,
+            trusted_keys(self.cfg.signing.public_keys),
+            self.cfg.device_id,
+            self._apply_update,
+            lambda report: publisher.publish_update(report.model_dump_json()),
+        )
+        publisher.follow_desired(self.update_agent.offer)
+        self.update_agent.start()
+
+    def _apply_update(self, deadline_s: float) -> tuple[bool, str | None]:
+        """Reload in the frame loop and wait for it (the update agent's thread)."""
+        wanted = self.store.linked(self.store.current)
+        with self._reloads:
+            seen = self._reload_count
+            self.reload.set()
+            if not self._reloads.wait_for(lambda: self._reload_count > seen, deadline_s):
+                return False, f"no reload within {deadline_s:g} s (the daemon is busy or stopping)"
+        last = self.last_reload or {}
+        if not last.get("ok"):
+            return False, f"reload failed: {last.get('error')}"
+        serving = self.model_dir.name if self.model_dir is not None else None
+        if serving != wanted:
+            return False, f"serving {serving}, not {wanted}"
+        return True, None
+
     def _shutdown(self) -> None:
+        if self.update_agent is not None:
+            self.update_agent.stop()
         self.notify.stopping()
         counts = self.telemetry.total
         drained = self.announce.drain()
@@ -370,12 +414,20 @@ class Daemon:
         return payload
 
     def _reload(self) -> None:
+        try:
+            self._reload_model()
+        finally:
+            with self._reloads:
+                self._reload_count += 1
+                self._reloads.notify_all()
+
+    def _reload_model(self) -> None:
         """Load the configured model again; on any failure keep serving the current one."""
-        if self.reload_config is None:
+        if self.reload_config is None and self.update_agent is None:
             return
         self.notify.reloading()
         try:
-            cfg = self.reload_config()
+            cfg = self.reload_config() if self.reload_config is not None else self.cfg
             new, new_dir, test = open_detector(
                 cfg.model, cfg.signing.public_keys, Path(cfg.state_dir)
             )

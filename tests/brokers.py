@@ -50,6 +50,17 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop ``proc`` (SIGTERM, then SIGKILL after 10 s) and reap it; None or gone: nothing."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -365,13 +376,7 @@ class Mosquitto:
         return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
         self._reap()
 
     def _reap(self) -> None:

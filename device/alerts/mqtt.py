@@ -20,7 +20,7 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +147,8 @@ class Publisher:
         self.client.on_message = self._on_message
         self._state: dict[str, Any] | None = None
         self._snapshot: bytes | None = None  # b"" once cleared
+        self._update: str | None = None  # the last pull-mode report (retained)
+        self._on_desired: Callable[[bytes], Any] | None = None
         self._discovery: dict[str, dict[str, Any]] = {}
 
     @classmethod
@@ -219,6 +221,19 @@ class Publisher:
         if self.connected.is_set():
             self.client.publish(f"{self.base}/snapshot", self._snapshot, qos=1, retain=True)
 
+    def follow_desired(self, callback: Callable[[bytes], Any]) -> None:
+        """Pull mode: subscribe to ``<base>/desired`` (on every connect) and hand each message
+        to ``callback`` (paho's network thread: it must only queue)."""
+        self._on_desired = callback
+        if self.connected.is_set():
+            self.client.subscribe(f"{self.base}/desired", qos=1)
+
+    def publish_update(self, report_json: str) -> None:
+        """Retain the pull agent's report on ``<base>/update`` (sent again on reconnect)."""
+        self._update = report_json
+        if self.connected.is_set():
+            self.client.publish(f"{self.base}/update", report_json, qos=1, retain=True)
+
     def publish_telemetry(self, telemetry: dict[str, Any]) -> None:
         """Best effort (QoS 0, not retained): a missed report is replaced by the next one."""
         if self.connected.is_set():
@@ -252,9 +267,13 @@ class Publisher:
             client.publish(f"{self.base}/state", json.dumps(self._state), qos=1, retain=True)
         if self._snapshot is not None:
             client.publish(f"{self.base}/snapshot", self._snapshot, qos=1, retain=True)
+        if self._update is not None:
+            client.publish(f"{self.base}/update", self._update, qos=1, retain=True)
         if self.broker.discovery_prefix:
             client.subscribe(f"{self.broker.discovery_prefix}/status", qos=1)
             self._send_discovery()
+        if self._on_desired is not None:
+            client.subscribe(f"{self.base}/desired", qos=1)
         self.connects += 1
         self.sender.kick()  # paho resends what was in flight; the sender fills the window
 
@@ -264,5 +283,8 @@ class Publisher:
         self.connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == f"{self.base}/desired" and self._on_desired is not None:
+            self._on_desired(bytes(msg.payload))
+            return
         if msg.topic.endswith("/status") and msg.payload == b"online":
             self._send_discovery()  # Home Assistant restarted and forgot non-retained configs

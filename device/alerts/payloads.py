@@ -14,6 +14,8 @@ state            :class:`StatePayload`   retained, QoS 1
 events           :class:`EventPayload`   QoS 1, not retained, message expiry; via the outbox
 snapshot         JPEG bytes              retained while a parcel is there; cleared on removal
 telemetry        :class:`TelemetryPayload`  QoS 0, periodic
+desired          ``Desired``             retained, QoS 1; written by ``doorstep-host rollout``
+update           ``UpdateReport``        retained, QoS 1; the pull agent's progress
 ===============  ======================  =========================================================
 """
 
@@ -172,10 +174,17 @@ class TelemetryPayload(_Payload):
     events_dropped: DroppedEvents = DroppedEvents()
 
 
+def _pull_messages() -> dict[str, type[BaseModel]]:
+    from device.update.messages import Desired, UpdateReport
+
+    return {"desired": Desired, "update": UpdateReport}
+
+
 PAYLOADS: dict[str, type[BaseModel]] = {
     "event": EventPayload,
     "state": StatePayload,
     "telemetry": TelemetryPayload,
+    **_pull_messages(),  # pull mode: written by the rollout / by the device, both retained
 }
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 

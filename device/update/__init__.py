@@ -1,0 +1,1 @@
+"""Pull-mode updates: follow the bundle a rollout names on the broker, fetch it over HTTP."""

@@ -1,0 +1,1 @@
+"""Pull mode: publish signed bundles to any HTTP origin, roll them out over MQTT."""

@@ -1,0 +1,322 @@
+"""Pull mode, device side: a real nginx serves signed bundles, a real Mosquitto carries the
+retained desired and update topics, and the real agent (``doorstep-device update --once`` and
+the daemon's own) fetches, verifies, switches, and reports; each fault of the issue gets a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import HOST, Mosquitto
+from conftest import ROOT
+from origin import Nginx, NginxMissingError, StallingOrigin
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device.bundle.signing import bundle_id, generate_keypair, sign_bundle
+from device.bundle.store import load_bundle, pack_bundle, write_bundle
+from device.install import Store
+from device.update.messages import Desired, UpdateReport
+
+pytestmark = pytest.mark.timeout(180)
+
+DEFAULT = ROOT / "device" / "models" / "parcel-ssd"
+
+
+# ----------------------------------------------------------------------------- material
+
+
+def make_bundle(out: Path, version: str, key: Path | None) -> Path:
+    """The shipped model as bundle ``version`` (its own id), signed with ``key`` if given."""
+    src = load_bundle(DEFAULT)
+    manifest = src.manifest.model_copy(update={"version": version})
+    files = {name: src.file(name) for name in manifest.files}
+    write_bundle(out, manifest, files)
+    if key is not None:
+        sign_bundle(out, key)
+    return out
+
+
+def served(bundle: Path, root: Path) -> dict[str, Any]:
+    """``bundle`` packed into the origin's folder as ``<id>.tar``; its facts."""
+    ident = bundle_id(bundle)
+    tar = pack_bundle(bundle, root / f"{ident}.tar")
+    data = tar.read_bytes()
+    return {"id": ident, "tar": tar, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def desired(facts: dict[str, Any], url: str, version: str, **extra: Any) -> Desired:
+    return Desired(
+        rollout_id=extra.pop("rollout_id", "r1"),
+        bundle_id=facts["id"],
+        url=url,
+        sha256=extra.pop("sha256", facts["sha256"]),
+        size=extra.pop("size", facts["size"]),
+        name="doorstep-parcel-ssd",
+        version=version,
+        health_deadline_s=extra.pop("health_deadline_s", 60),
+        issued=time.time(),
+        **extra,
+    )
+
+
+class Bus:
+    """A test client on the broker: writes desired messages, reads update reports."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bus-{time.time_ns()}")
+        self.reports: list[UpdateReport] = []
+        self.cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._message
+        self.client.connect(HOST, broker.port)
+        self.client.loop_start()
+        self.client.subscribe("doorstep/+/update", qos=1)
+        assert subscribed.wait(10), "no SUBACK"
+
+    def _message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload:
+            with self.cond:
+                self.reports.append(UpdateReport.model_validate_json(msg.payload))
+                self.cond.notify_all()
+
+    def want(self, device: str, d: Desired | None) -> None:
+        payload = d.model_dump_json() if d is not None else ""
+        info = self.client.publish(f"doorstep/{device}/desired", payload, qos=1, retain=True)
+        info.wait_for_publish(10)
+
+    def wait_report(self, pred: Callable[[UpdateReport], bool], timeout: float) -> UpdateReport:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(pred(r) for r in self.reports), timeout), [
+                r.model_dump() for r in self.reports
+            ]
+            return next(r for r in self.reports if pred(r))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    generate_keypair(tmp_path / "signing.key", tmp_path / "signing.pub")
+    return tmp_path / "signing.key", tmp_path / "signing.pub"
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    root = tmp_path / "origin"
+    root.mkdir()
+    try:
+        server = Nginx(root, tmp_path / "nginx")
+    except NginxMissingError as exc:
+        pytest.skip(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bus(mosquitto: Mosquitto) -> Iterator[Bus]:
+    b = Bus(mosquitto)
+    yield b
+    b.close()
+
+
+def device_config(
+    tmp_path: Path, name: str, broker: Mosquitto, pub: Path, prefix: str, **update: Any
+) -> Path:
+    state = tmp_path / f"state-{name}"
+    cfg = {
+        "device_id": name,
+        "state_dir": str(state),
+        "mqtt": {"url": f"mqtt://{HOST}:{broker.port}", "home_assistant": False},
+        "signing": {"public_keys": [str(pub)]},
+        "update": {"enabled": True, "allowed_url_prefixes": [prefix], "retry_min_s": 0.2,
+                   **update},
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def update_once(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "device.cli", "update", "--once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_update_once_fetches_verifies_switches_and_reports(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    key, pub = keys
+    facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    bus.want("d1", desired(facts, nginx.url(facts["tar"].name), "2.0.0"))
+    proc = update_once(config)
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(proc)["state"] == "serving"
+    store = Store(tmp_path / "state-d1")
+    assert store.linked(store.current) == facts["id"]
+    assert not list(store.models.glob("*.tar*"))  # the download is gone once installed
+    states = [r.state for r in bus.reports if r.device_id == "d1"]
+    assert states[0] == "downloading" and states[-1] == "serving" and "installing" in states
+    final = bus.wait_report(lambda r: r.state == "serving", 10)
+    assert final.active_id == facts["id"] and final.active_version == "2.0.0"
+    assert nginx.served_bytes() == facts["size"]  # fetched once, whole
+    again = update_once(config)  # nothing to do: already serving, nothing fetched
+    assert again.returncode == 0 and last_json(again)["state"] == "serving"
+    assert nginx.served_bytes() == facts["size"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("404", "HTTP 404"),
+        ("truncated", "the body ended at"),
+        ("wrong_sha", "is not the announced"),
+        ("not_allowed", "not under update.allowed_url_prefixes"),
+        ("too_large", "over update.max_bundle_mb"),
+    ],
+)
+def test_update_once_faults_fail_clearly_and_change_nothing(
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    bus: Bus,
+    fault: str,
+    message: str,
+) -> None:
+    key, pub = keys
+    facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    url = nginx.url(facts["tar"].name)
+    extra: dict[str, Any] = {}
+    update: dict[str, Any] = {}
+    if fault == "404":
+        url = nginx.url("0" * 64 + ".tar")
+    elif fault == "truncated":
+        data = facts["tar"].read_bytes()
+        facts["tar"].write_bytes(data[: len(data) // 2])
+    elif fault == "wrong_sha":
+        extra["sha256"] = "f" * 64
+    elif fault == "not_allowed":
+        url = f"http://{HOST}:1/elsewhere/{facts['tar'].name}"
+    elif fault == "too_large":
+        update["max_bundle_mb"] = 1
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url, **update)
+    bus.want("d1", desired(facts, url, "2.0.0", **extra))
+    proc = update_once(config)
+    assert proc.returncode == 1, proc.stderr
+    report = last_json(proc)
+    assert report["state"] == "failed" and message in report["reason"], report
+    assert "Traceback" not in proc.stderr
+    store = Store(tmp_path / "state-d1")
+    assert store.linked(store.current) is None  # still the model it had
+    assert not (store.models / facts["id"]).exists()
+    retained = bus.wait_report(lambda r: r.state == "failed", 10)
+    assert message in (retained.reason or "")
+
+
+def test_unsigned_or_foreign_signed_bundles_are_refused(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    """A broker publisher can only point at bundles our key signed."""
+    _, pub = keys
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    store = Store(tmp_path / "state-d1")
+    for version, key in (("2.0.0", None), ("2.0.1", tmp_path / "other.key")):
+        facts = served(make_bundle(tmp_path / f"b{version}", version, key), nginx.root)
+        bus.want("d1", desired(facts, nginx.url(facts["tar"].name), version))
+        proc = update_once(config)
+        assert proc.returncode == 1, proc.stderr
+        report = last_json(proc)
+        assert report["state"] == "failed" and "sign" in report["reason"].lower(), report
+        assert store.linked(store.current) is None
+        assert not (store.models / facts["id"]).exists()
+
+
+def test_downgrade_needs_allow_downgrade(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    key, pub = keys
+    new = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    old = served(make_bundle(tmp_path / "b1", "1.9.0", key), nginx.root)
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    bus.want("d1", desired(new, nginx.url(new["tar"].name), "2.0.0"))
+    assert update_once(config).returncode == 0
+    bus.want("d1", desired(old, nginx.url(old["tar"].name), "1.9.0", rollout_id="r2"))
+    proc = update_once(config)
+    assert proc.returncode == 1 and "older than the serving 2.0.0" in last_json(proc)["reason"]
+    bus.want(
+        "d1",
+        desired(old, nginx.url(old["tar"].name), "1.9.0", rollout_id="r3", allow_downgrade=True),
+    )
+    proc = update_once(config)
+    assert proc.returncode == 0, proc.stdout
+    store = Store(tmp_path / "state-d1")
+    assert store.linked(store.current) == old["id"] and store.linked(store.previous) == new["id"]
+
+
+def test_a_stalled_download_resumes_from_where_it_stopped(
+    tmp_path: Path, keys: tuple[Path, Path], mosquitto: Mosquitto, bus: Bus
+) -> None:
+    key, pub = keys
+    root = tmp_path / "plain"
+    root.mkdir()
+    facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), root)
+    stall_at = 1_000_000
+    origin = StallingOrigin(facts["tar"].read_bytes(), stall_at)
+    origin.start()
+    try:
+        prefix = origin.url.rsplit("/", 1)[0] + "/"
+        config = device_config(tmp_path, "d1", mosquitto, pub, prefix, timeout_s=1)
+        bus.want("d1", desired(facts, origin.url, "2.0.0"))
+        first = update_once(config)
+        assert first.returncode == 1
+        assert "nothing received for 1 s at 1000000 of" in last_json(first)["reason"]
+        part = tmp_path / "state-d1" / "models" / f"{facts['id']}.tar.part"
+        assert part.stat().st_size == stall_at  # kept for the next attempt
+        origin.release()
+        second = update_once(config)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert origin.ranges == [None, f"bytes={stall_at}-"]  # the rest only
+    finally:
+        origin.stop()
+    store = Store(tmp_path / "state-d1")
+    assert store.linked(store.current) == facts["id"]
+
+
+def test_invalid_desired_message_is_reported_not_crashed(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    _, pub = keys
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    info = bus.client.publish("doorstep/d1/desired", b'{"bundle_id": "x"}', qos=1, retain=True)
+    info.wait_for_publish(10)
+    proc = update_once(config)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "invalid desired message" in last_json(proc)["reason"]
+    shutil.rmtree(tmp_path / "state-d1", ignore_errors=True)
