@@ -320,3 +320,50 @@ def test_invalid_desired_message_is_reported_not_crashed(
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "invalid desired message" in last_json(proc)["reason"]
     shutil.rmtree(tmp_path / "state-d1", ignore_errors=True)
+
+
+def test_the_daemon_follows_desired_and_rolls_back_a_bundle_that_fails(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    """The daemon's own agent: the model switches in-process (no restart); a bundle that
+    cannot serve (here: no class has the `package` role) is rolled back and reported."""
+    from daemonproc import DaemonProc
+    from support.doorbell import write_still_image
+
+    key, pub = keys
+    good = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    bad_dir = tmp_path / "b3"
+    src = load_bundle(DEFAULT)
+    labels = src.manifest.labels.model_copy(update={"roles": {"person": [0]}})
+    write_bundle(
+        bad_dir,
+        src.manifest.model_copy(update={"version": "3.0.0", "labels": labels}),
+        {name: src.file(name) for name in src.manifest.files},
+    )
+    sign_bundle(bad_dir, key)
+    bad = served(bad_dir, nginx.root)
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    cfg = json.loads(config.read_text())
+    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "still.png")),
+                     "fps": 10}  # fmt: skip
+    config.write_text(json.dumps(cfg))
+    daemon = DaemonProc(config)
+    try:
+        daemon.record("start", timeout=60)
+        bus.want("d1", desired(good, nginx.url(good["tar"].name), "2.0.0"))
+        daemon.record("reloaded", timeout=60, version="2.0.0")
+        report = bus.wait_report(lambda r: r.state == "serving" and r.bundle_id == good["id"], 30)
+        assert report.active_version == "2.0.0"
+        bus.want("d1", desired(bad, nginx.url(bad["tar"].name), "3.0.0", rollout_id="r2"))
+        failed = daemon.record("reload_failed", timeout=60)
+        assert "package" in failed["error"]
+        back = daemon.record("reloaded", timeout=60, version="2.0.0")  # the old model again
+        assert back["sha256"]
+        report = bus.wait_report(lambda r: r.state == "rolled_back", 30)
+        assert report.bundle_id == bad["id"] and report.active_id == good["id"]
+        assert "package" in (report.reason or "")
+        store = Store(tmp_path / "state-d1")
+        assert store.linked(store.current) == good["id"]
+        assert daemon.proc.poll() is None  # still running, still detecting
+    finally:
+        assert daemon.stop() == 0
