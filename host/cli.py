@@ -11,6 +11,8 @@ from device.cliutil import formatter, parse_threads, run
 from device.errors import DoorstepError
 from host.fleet.commands import COMMANDS as FLEET_COMMANDS
 from host.fleet.commands import add_parsers as add_fleet_parsers
+from host.pull.commands import COMMANDS as PULL_COMMANDS
+from host.pull.commands import add_parsers as add_pull_parsers
 from host.safe_text import printable
 
 DECODER_CHOICES = (
@@ -395,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_fleet_parsers(sub)  # keygen, sign, deploy, rollback, status
+    add_pull_parsers(sub)  # publish, rollout (pull mode)
     return parser
 
 
@@ -604,6 +607,7 @@ COMMANDS = {
     "export": cmd_export,
     "watch": cmd_watch,
     **FLEET_COMMANDS,
+    **PULL_COMMANDS,
 }
 
 

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import modelgen  # noqa: E402
 from brokers import MQTT_USERS, BrokerMissingError, Mosquitto, Pki, make_pki  # noqa: E402
+from origin import Nginx, NginxMissingError  # noqa: E402
+from pullkit import Bus  # noqa: E402
 from sshd import ssh_fleet  # noqa: E402, F401
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
@@ -134,3 +136,37 @@ def porch(tmp_path: Path, coco_samples: Path) -> Any:
     scene = Scene(tmp_path / "scene.png", porch_scenes(SHARED, coco_samples))
     scene.show("empty")
     return scene
+
+
+# ---------------------------------------------------------------- pull mode: a real nginx origin
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh Ed25519 signing key pair: (private, public)."""
+    from device.bundle.signing import generate_keypair
+
+    generate_keypair(tmp_path / "signing.key", tmp_path / "signing.pub")
+    return tmp_path / "signing.key", tmp_path / "signing.pub"
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    """nginx serving ``tmp_path/origin`` on a loopback port (Range requests, as any CDN)."""
+    root = tmp_path / "origin"
+    root.mkdir()
+    try:
+        server = Nginx(root, tmp_path / "nginx")
+    except NginxMissingError as exc:
+        pytest.skip(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bus(mosquitto: Mosquitto) -> Iterator[Bus]:
+    """A test client on the broker: writes desired messages, collects update reports."""
+    b = Bus(mosquitto)
+    yield b
+    b.close()

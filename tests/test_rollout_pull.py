@@ -1,0 +1,242 @@
+"""``doorstep-host publish`` and ``rollout`` against real daemons pulling from a real nginx over
+a real Mosquitto: waves, a failing canary, a rollout killed and started again, an offline
+device, an abort."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import HOST, Mosquitto
+from daemonproc import DaemonProc
+from origin import Nginx
+from pullkit import DEFAULT, Bus, device_config, make_bundle
+from support.doorbell import write_still_image
+
+from device.bundle.signing import sign_bundle
+from device.bundle.store import load_bundle, write_bundle
+from device.install import Store
+
+pytestmark = [pytest.mark.host, pytest.mark.timeout(300)]
+
+
+def host(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def publish(bundle: Path, nginx: Nginx) -> dict[str, Any]:
+    proc = host("publish", str(bundle), "--to", str(nginx.root))
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def fleet_file(tmp_path: Path, names: list[str]) -> Path:
+    lines = ["devices:"] + [f"  - {{name: {n}, host: {HOST}}}" for n in names]
+    path = tmp_path / "fleet.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def daemons(
+    tmp_path: Path, mosquitto: Mosquitto, nginx: Nginx, keys: tuple[Path, Path]
+) -> Iterator[Callable[..., DaemonProc]]:
+    started: list[DaemonProc] = []
+    still = write_still_image(tmp_path / "still.png")
+
+    def start(name: str) -> DaemonProc:
+        config = device_config(tmp_path, name, mosquitto, keys[1], nginx.base_url)
+        cfg = json.loads(config.read_text())
+        cfg["source"] = {"type": "still", "path": str(still), "fps": 5}
+        config.write_text(json.dumps(cfg))
+        d = DaemonProc(config)
+        started.append(d)
+        d.record("start", timeout=60)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def rollout(
+    descriptor: dict[str, Any], nginx: Nginx, broker: Mosquitto, fleet: Path, *extra: str
+) -> list[str]:
+    return [
+        sys.executable, "-m", "host.cli", "rollout", str(nginx.root / f"{descriptor['id']}.json"),
+        "--base-url", nginx.base_url, "--fleet", str(fleet),
+        "--broker", f"mqtt://{HOST}:{broker.port}", *extra,
+    ]  # fmt: skip
+
+
+def active(tmp_path: Path, name: str) -> str | None:
+    store = Store(tmp_path / f"state-{name}")
+    return store.linked(store.current)
+
+
+def test_publish_refuses_unsigned_and_names_by_content(
+    tmp_path: Path, nginx: Nginx, keys: tuple[Path, Path]
+) -> None:
+    unsigned = make_bundle(tmp_path / "u", "2.0.0", None)
+    proc = host("publish", str(unsigned), "--to", str(nginx.root))
+    assert proc.returncode == 2 and "not signed" in proc.stderr
+    signed = make_bundle(tmp_path / "s", "2.0.0", keys[0])
+    first = publish(signed, nginx)
+    assert (nginx.root / f"{first['id']}.tar").stat().st_size == first["size"]
+    again = publish(signed, nginx)
+    assert again == first  # publishing twice rewrites nothing
+
+
+def test_rollout_in_waves_to_real_daemons(
+    tmp_path: Path,
+    daemons: Callable[..., DaemonProc],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    keys: tuple[Path, Path],
+) -> None:
+    names = ["d1", "d2", "d3"]
+    for n in names:
+        daemons(n)
+    d = publish(make_bundle(tmp_path / "b2", "2.0.0", keys[0]), nginx)
+    fleet = fleet_file(tmp_path, names)
+    dry = subprocess.run(
+        [*rollout(d, nginx, mosquitto, fleet, "--batch", "1"), "--dry-run"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert dry.returncode == 0 and "canary: d1" in dry.stdout and "wave 3: d3" in dry.stdout
+    assert all(active(tmp_path, n) is None for n in names)  # a dry run writes nothing
+    journal = tmp_path / "journal.json"
+    proc = subprocess.run(
+        [*rollout(d, nginx, mosquitto, fleet, "--batch", "1"), "--journal", str(journal)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["serving"] == names and not result["failed"]
+    assert proc.stderr.index("canary: d1") < proc.stderr.index("wave 2: d2")
+    assert all(active(tmp_path, n) == d["id"] for n in names)
+    assert nginx.served_bytes() == 3 * d["size"]  # each device fetched it once
+    again = subprocess.run(
+        [*rollout(d, nginx, mosquitto, fleet), "--journal", str(journal)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0 and "already serving 2.0.0: d1, d2, d3" in again.stderr
+
+
+def test_a_failing_canary_stops_the_rollout(
+    tmp_path: Path,
+    daemons: Callable[..., DaemonProc],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    keys: tuple[Path, Path],
+    bus: Bus,
+) -> None:
+    names = ["d1", "d2", "d3"]
+    for n in names:
+        daemons(n)
+    src = load_bundle(DEFAULT)
+    labels = src.manifest.labels.model_copy(update={"roles": {"person": [0]}})
+    bad = tmp_path / "bad"
+    write_bundle(
+        bad,
+        src.manifest.model_copy(update={"version": "3.0.0", "labels": labels}),
+        {n: src.file(n) for n in src.manifest.files},
+    )
+    sign_bundle(bad, keys[0])
+    d = publish(bad, nginx)
+    proc = subprocess.run(
+        [*rollout(d, nginx, mosquitto, fleet_file(tmp_path, names)), "--journal",
+         str(tmp_path / "j.json")],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert "rolled_back" in result["failed"]["d1"] and "package" in result["failed"]["d1"]
+    assert result["not_started"] == ["d2", "d3"] and "canary" in result["stopped"]
+    assert all(active(tmp_path, n) is None for n in names)  # the canary rolled itself back
+    status = host(
+        "rollout", "--status", json.loads(proc.stdout.splitlines()[-1])["rollout_id"],
+        "--fleet", str(fleet_file(tmp_path, names)), "--broker", f"mqtt://{HOST}:{mosquitto.port}",
+        "--json",
+    )  # fmt: skip
+    rows = {r["device"]: r for r in json.loads(status.stdout)}
+    assert rows["d1"]["state"] == "rolled_back" and rows["d2"]["desired"] == "-"
+
+
+def test_a_killed_rollout_continues_and_an_offline_device_catches_up(
+    tmp_path: Path,
+    daemons: Callable[..., DaemonProc],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    keys: tuple[Path, Path],
+    bus: Bus,
+) -> None:
+    daemons("d1")
+    daemons("d2")  # d3 is offline
+    d = publish(make_bundle(tmp_path / "b2", "2.0.0", keys[0]), nginx)
+    fleet = fleet_file(tmp_path, ["d1", "d2", "d3"])
+    journal = ["--journal", str(tmp_path / "j.json"), "--batch", "1", "--wave-timeout", "20"]
+    first = subprocess.Popen(
+        rollout(d, nginx, mosquitto, fleet, *journal),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        bus.wait_report(lambda r: r.device_id == "d1" and r.state == "serving", 120)
+        os.kill(first.pid, signal.SIGKILL)  # the host dies after the canary
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate(timeout=30)  # reaped, its pipes closed
+    issued = {r.device_id for r in bus.reports if r.state == "serving"}
+    assert "d1" in issued
+    second = subprocess.run(
+        rollout(d, nginx, mosquitto, fleet, *journal), capture_output=True, text=True, timeout=240
+    )
+    assert second.returncode == 3, second.stderr  # d3 never answered: pending
+    result = json.loads(second.stdout.splitlines()[-1])
+    assert result["serving"][:2] == ["d1", "d2"] and result["pending"] == ["d3"]
+    assert "already serving 2.0.0: d1" in second.stderr  # not written again
+    daemons("d3")  # comes back online: the retained desired message is waiting
+    bus.wait_report(lambda r: r.device_id == "d3" and r.state == "serving", 120)
+    assert active(tmp_path, "d3") == d["id"]
+
+
+def test_abort_puts_the_previous_bundle_back(
+    tmp_path: Path,
+    daemons: Callable[..., DaemonProc],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    keys: tuple[Path, Path],
+    bus: Bus,
+) -> None:
+    daemons("d1")
+    fleet = fleet_file(tmp_path, ["d1"])
+    v2 = publish(make_bundle(tmp_path / "b2", "2.0.0", keys[0]), nginx)
+    v3 = publish(make_bundle(tmp_path / "b3", "3.0.0", keys[0]), nginx)
+    for d in (v2, v3):  # two rollouts in a row
+        proc = subprocess.run(
+            [*rollout(d, nginx, mosquitto, fleet), "--journal", str(tmp_path / f"{d['id']}.json")],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert active(tmp_path, "d1") == d["id"]
+    rid = json.loads(proc.stdout.splitlines()[-1])["rollout_id"]
+    abort = host(
+        "rollout", "--abort", rid, "--fleet", str(fleet), "--broker",
+        f"mqtt://{HOST}:{mosquitto.port}", "--journal", str(tmp_path / f"{v3['id']}.json"),
+    )  # fmt: skip
+    assert abort.returncode == 0, abort.stderr
+    assert "desired back to 2.0.0" in abort.stderr
+    bus.wait_report(
+        lambda r: r.device_id == "d1" and r.state == "serving" and r.active_id == v2["id"], 120
+    )
+    assert active(tmp_path, "d1") == v2["id"]
