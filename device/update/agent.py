@@ -81,6 +81,7 @@ class UpdateAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: UpdateReport | None = None
+        self._last_progress = (0, 0.0)
         self.refused_messages = 0
 
     # -- input (paho's network thread)
@@ -180,7 +181,7 @@ class UpdateAgent:
                 ca_file=self.cfg.ca_file,
                 timeout_s=self.cfg.timeout_s,
                 rate_kbps=self.cfg.rate_limit_kbps,
-                progress=lambda n: self._publish(d, "downloading", got=n),
+                progress=lambda n: self._progress(d, n),
                 stop=self._stop,
             )
             part.rename(tar)
@@ -232,6 +233,15 @@ class UpdateAgent:
             return None
 
     # -- reports
+    def _progress(self, d: Desired, got: int) -> None:
+        """``downloading`` at every tenth of the bundle or every 10 s, not every second: a
+        fleet of 100,000 on slow links would otherwise send millions of reports."""
+        now = time.monotonic()
+        last_got, last_t = self._last_progress
+        if got >= d.size or got - last_got >= d.size / 10 or now - last_t >= 10:
+            self._last_progress = (got, now)
+            self._publish(d, "downloading", got=got)
+
     def _publish(
         self, d: Desired | None, state: UpdateState, got: int = 0, reason: str | None = None
     ) -> None:
