@@ -240,3 +240,49 @@ def test_abort_puts_the_previous_bundle_back(
         lambda r: r.device_id == "d1" and r.state == "serving" and r.active_id == v2["id"], 120
     )
     assert active(tmp_path, "d1") == v2["id"]
+
+
+def test_a_broker_restart_mid_rollout_is_carried_through(
+    tmp_path: Path,
+    make_mosquitto: Callable[..., Mosquitto],
+    nginx: Nginx,
+    keys: tuple[Path, Path],
+) -> None:
+    """The broker (persistent, as a production one is) restarts after the canary: the retained
+    desired and update messages survive it, every client reconnects, the rollout completes."""
+
+    broker = make_mosquitto("persistent", persistence=True)
+    bus = Bus(broker)
+    still = write_still_image(tmp_path / "still.png")
+    procs = []
+    try:
+        for name in ("d1", "d2"):
+            config = device_config(tmp_path, name, broker, keys[1], nginx.base_url)
+            cfg = json.loads(config.read_text())
+            cfg["source"] = {"type": "still", "path": str(still), "fps": 5}
+            config.write_text(json.dumps(cfg))
+            procs.append(DaemonProc(config))
+            procs[-1].record("start", timeout=60)
+        d = publish(make_bundle(tmp_path / "b2", "2.0.0", keys[0]), nginx)
+        fleet = fleet_file(tmp_path, ["d1", "d2"])
+        run = subprocess.Popen(
+            [*rollout(d, nginx, broker, fleet, "--batch", "1", "--rate", "20"), "--journal",
+             str(tmp_path / "j.json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        bus.wait_report(lambda r: r.device_id == "d1" and r.state == "serving", 120)
+        broker.stop()  # restarts on the same port, with its retained messages on disk
+        broker.start()
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["serving"] == ["d1", "d2"]
+        assert active(tmp_path, "d2") == d["id"]
+        after = Bus(broker)  # what a new subscriber sees after the restart: retained state
+        try:
+            after.wait_report(lambda r: r.device_id == "d2" and r.state == "serving", 30)
+        finally:
+            after.close()
+    finally:
+        bus.close()
+        for p in procs:
+            p.stop()

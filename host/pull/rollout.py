@@ -116,9 +116,11 @@ class FleetView:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         self._address = (host, port)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
         self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a, **k: self.connected.clear()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
 
     def start(self, timeout: float = 30.0) -> None:
         try:
@@ -169,12 +171,27 @@ class FleetView:
                 self.invalid += 1  # a device that lies or a stray publisher: ignored, counted
             self.cond.notify_all()
 
-    def want(self, device_id: str, desired: Desired | None) -> None:
+    def want(self, device_id: str, desired: Desired | None, patience: float = 300.0) -> None:
+        """Retain ``desired`` on the device's topic, once the broker has acknowledged it; across
+        a broker restart (paho reconnects, the message is sent again) for up to ``patience``."""
         payload = desired.model_dump_json() if desired is not None else b""
-        info = self.client.publish(
-            f"{self.prefix}/{device_id}/desired", payload, qos=1, retain=True
-        )
-        info.wait_for_publish(30)
+        deadline = time.monotonic() + patience
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.connected.wait(left):
+                raise RolloutError(
+                    f"the broker {self.broker.url} was unreachable for {patience:g} s while "
+                    f"writing {device_id}'s desired message; run the same command again later"
+                )
+            info = self.client.publish(
+                f"{self.prefix}/{device_id}/desired", payload, qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(min(30.0, max(left, 0.1)))
+            except (RuntimeError, ValueError):  # not queued: the connection dropped meanwhile
+                continue
+            if info.is_published():
+                break
         with self.cond:
             self.desired[device_id] = desired
 
@@ -269,11 +286,12 @@ def run_rollout(
     by_name = {d.name: d for d in todo}
     timeout = wave_timeout if wave_timeout is not None else policy.health_deadline + 600
     failed_total = 0
+    next_at = 0.0
     for number, names in enumerate(waves, 1):
         wave = [by_name[n] for n in names]
         label = "canary" if number == 1 and policy.canary else f"wave {number}"
         say(f"{label}: {', '.join(names)}")
-        for i, d in enumerate(wave):
+        for d in wave:
             current = view.desired.get(d.device_id)
             if current is not None and current.rollout_id == rollout_id:
                 continue  # opened by an earlier run of this rollout
@@ -284,6 +302,9 @@ def run_rollout(
                 "active_version": before.active_version if before else None,
             }
             write_journal(journal, book)
+            if rate_per_min:  # --rate: desired messages per minute, across waves
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = time.monotonic() + 60.0 / rate_per_min
             view.want(
                 d.device_id,
                 Desired(
@@ -299,8 +320,7 @@ def run_rollout(
                     issued=round(time.time(), 3),
                 ),
             )
-            if rate_per_min and i < len(wave) - 1:
-                time.sleep(60.0 / rate_per_min)
+
 
         def wave_answered(wave: list[Device] = wave) -> bool:
             return all(_answered(view, d, rollout_id, bundle) for d in wave)
