@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from device.cliutil import formatter
 
 
 def add_parsers(sub: Any) -> None:
+    add_bench_parser(sub)
     p = sub.add_parser(
         "publish",
         formatter_class=formatter,
@@ -71,6 +73,38 @@ def add_parsers(sub: Any) -> None:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--status", metavar="ROLLOUT_ID", help="where each device stands")
     what.add_argument("--abort", metavar="ROLLOUT_ID", help="desired back to what it was")
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench-rollout",
+        formatter_class=formatter,
+        help="benchmark a pull rollout to N update agents on loopback (no camera, no detector)",
+        description="Start a real Mosquitto and a real nginx on loopback and N update agents (the "
+        "real device/update code, many per worker process, each with its own MQTT connection "
+        "and store; no camera and no detector), roll the shipped bundle out to them with the "
+        "real rollout, and print time to converge, broker messages, origin bytes and CPU per N. "
+        "A table, not a pass/fail. Each agent downloads and unpacks the bundle on this disk.",
+        epilog="examples:\n  doorstep-host bench-rollout --devices 10 100 1000\n"
+        "  doorstep-host bench-rollout --devices 100 --workers 4 --json rollout.json",
+    )
+    p.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000], metavar="N")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="K",
+                   help="agent worker processes (default: one per CPU)")  # fmt: skip
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+
+def cmd_bench_rollout(args: argparse.Namespace) -> int:
+    from device.errors import DoorstepError
+    from host.pull.bench import bench_rollout, format_rows, to_json
+
+    if any(n < 1 or n > 100_000 for n in args.devices) or args.workers < 1:
+        raise DoorstepError("--devices must be 1..100000 each, --workers at least 1")
+    rows = bench_rollout(args.devices, args.workers)
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(rows), indent=2) + "\n")
+    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -176,4 +210,4 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         view.stop()
 
 
-COMMANDS = {"publish": cmd_publish, "rollout": cmd_rollout}
+COMMANDS = {"publish": cmd_publish, "rollout": cmd_rollout, "bench-rollout": cmd_bench_rollout}

@@ -321,7 +321,6 @@ def run_rollout(
                 ),
             )
 
-
         def wave_answered(wave: list[Device] = wave) -> bool:
             return all(_answered(view, d, rollout_id, bundle) for d in wave)
 
@@ -383,7 +382,9 @@ def abort_rollout(
             "issued": round(time.time(), 3),
         }
         if before.get("desired"):
-            view.want(d.device_id, Desired.model_validate(before["desired"]).model_copy(update=back))
+            view.want(
+                d.device_id, Desired.model_validate(before["desired"]).model_copy(update=back)
+            )
             say(f"{d.name}: desired back to {before['desired']['version']}")
         elif before.get("active_id") and base:
             ident = before["active_id"]
