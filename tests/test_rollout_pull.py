@@ -286,3 +286,17 @@ def test_a_broker_restart_mid_rollout_is_carried_through(
         bus.close()
         for p in procs:
             p.stop()
+
+
+def test_bench_rollout_runs_and_prints_its_table(tmp_path: Path) -> None:
+    """The benchmark itself works (its figures are for the README, not asserted)."""
+    from host.pull.origin import find_nginx
+
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    out = tmp_path / "rows.json"
+    proc = host("bench-rollout", "--devices", "3", "--workers", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "no camera, no detector" in proc.stdout and "| 3 |" in proc.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["serving"] == 3 and row["origin_mb"] > 3 * 3.0  # each agent fetched the bundle

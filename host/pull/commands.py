@@ -90,7 +90,7 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000], metavar="N")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="K",
-                   help="agent worker processes (default: one per CPU)")  # fmt: skip
+                   help="agent worker processes (default: one per CPU, and at least one per 250 agents)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 

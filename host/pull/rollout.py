@@ -99,6 +99,7 @@ class FleetView:
         self.reports: dict[str, UpdateReport] = {}
         self.invalid = 0
         self.messages = 0
+        self._changed: set[str] = set()
         self.cond = threading.Condition()
         self._synced = threading.Event()
         self._sync_topic = f"{prefix}/_rollout/sync-{os.getpid()}-{time.time_ns()}"
@@ -160,6 +161,7 @@ class FleetView:
         device, kind = parts[-2], parts[-1]
         with self.cond:
             self.messages += 1
+            self._changed.add(device)
             try:
                 if kind == "desired":
                     self.desired[device] = (
@@ -194,6 +196,12 @@ class FleetView:
                 break
         with self.cond:
             self.desired[device_id] = desired
+
+    def take_changed(self) -> set[str]:
+        """Devices with a message since the last call (call with ``cond`` held, as ``wait``'s
+        predicate is)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self.cond:
@@ -291,17 +299,24 @@ def run_rollout(
         wave = [by_name[n] for n in names]
         label = "canary" if number == 1 and policy.canary else f"wave {number}"
         say(f"{label}: {', '.join(names)}")
+        opening = []
         for d in wave:
             current = view.desired.get(d.device_id)
             if current is not None and current.rollout_id == rollout_id:
                 continue  # opened by an earlier run of this rollout
             before = view.reports.get(d.device_id)
-            book["before"][d.device_id] = {
-                "desired": current.model_dump() if current is not None else None,
-                "active_id": before.active_id if before else None,
-                "active_version": before.active_version if before else None,
-            }
+            book["before"].setdefault(
+                d.device_id,
+                {
+                    "desired": current.model_dump() if current is not None else None,
+                    "active_id": before.active_id if before else None,
+                    "active_version": before.active_version if before else None,
+                },
+            )
+            opening.append(d)
+        if opening:  # what each device had, on disk before any of the wave is overwritten
             write_journal(journal, book)
+        for d in opening:
             if rate_per_min:  # --rate: desired messages per minute, across waves
                 time.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic() + 60.0 / rate_per_min
@@ -321,8 +336,16 @@ def run_rollout(
                 ),
             )
 
-        def wave_answered(wave: list[Device] = wave) -> bool:
-            return all(_answered(view, d, rollout_id, bundle) for d in wave)
+        # Only the devices whose messages arrived since the last look are checked again: a
+        # wave of N devices costs O(messages), not O(N x messages).
+        waiting = {d.device_id: d for d in wave if not _answered(view, d, rollout_id, bundle)}
+
+        def wave_answered(waiting: dict[str, Device] = waiting) -> bool:
+            for device_id in view.take_changed():
+                d = waiting.get(device_id)
+                if d is not None and _answered(view, d, rollout_id, bundle):
+                    del waiting[device_id]
+            return not waiting
 
         view.wait(wave_answered, timeout)
         for d in wave:
