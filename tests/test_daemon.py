@@ -145,13 +145,19 @@ def test_payloads_snapshot_and_home_assistant_discovery(mosquitto: Any, tmp_path
     assert telemetry[-1]["rss_mb"] > 10
     configs = {t: json.loads(p) for t, p, _ in msgs if t.startswith("homeassistant/")}
     by_component = {t.split("/")[1] for t in configs}
-    assert by_component == {"binary_sensor", "sensor", "image"}
+    assert by_component == {"binary_sensor", "sensor", "image", "update"}
     assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
     parcel = configs["homeassistant/binary_sensor/doorstep_porch_test/parcel/config"]
     assert parcel["state_topic"] == "doorstep/porch-test/state"
     assert parcel["availability_topic"] == "doorstep/porch-test/availability"
     image_cfg = configs["homeassistant/image/doorstep_porch_test/snapshot/config"]
     assert image_cfg["image_topic"] == "doorstep/porch-test/snapshot"
+    # the update entity: installed from the state, latest from a pull rollout's desired
+    model = configs["homeassistant/update/doorstep_porch_test/model/config"]
+    assert model["state_topic"] == "doorstep/porch-test/state"
+    assert model["latest_version_topic"] == "doorstep/porch-test/desired"
+    state = next(json.loads(p) for t, p, _ in msgs if t == "doorstep/porch-test/state")
+    assert model["value_template"] == "{{ value_json.model.version }}" and state["model"]["version"]
     listener.close()
 
 
@@ -172,17 +178,17 @@ def test_discovery_is_sent_again_when_home_assistant_comes_online(
     assert pub.connected.wait(30)
     topic = "homeassistant/+/doorstep_door9/+/config"
     first = Listener(mosquitto.url, topic=topic)
-    assert first.wait(lambda li: len(li.messages) == 6)  # live or retained, depending on timing
+    assert first.wait(lambda li: len(li.messages) == 7)  # live or retained, depending on timing
     first.close()
     listener = Listener(mosquitto.url, topic=topic)
-    assert listener.wait(lambda li: len(li.messages) == 6)  # now the broker's retained copies
+    assert listener.wait(lambda li: len(li.messages) == 7)  # now the broker's retained copies
     assert all(retained for _, _, retained in listener.messages)
     ha = mqtt.Client(CallbackAPIVersion.VERSION2)
     ha.connect("127.0.0.1", mosquitto.port)
     ha.loop_start()
     ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(30)
-    assert listener.wait(lambda li: len(li.messages) == 12)  # sent again, live this time
-    assert not any(retained for _, _, retained in listener.messages[6:])
+    assert listener.wait(lambda li: len(li.messages) == 14)  # sent again, live this time
+    assert not any(retained for _, _, retained in listener.messages[7:])
     ha.loop_stop()
     ha.disconnect()
     pub.stop()

@@ -95,6 +95,20 @@ def discovery_configs(
         " 'model': value_json.model.version} | tojson }}",
         "icon": "mdi:package-variant-closed",
     }
+    # Installed: the model the state names; latest: what a pull rollout wants (retained on
+    # `desired`; until one names a bundle, Home Assistant shows the installed one as latest).
+    configs[f"{prefix}/update/{node}/model/config"] = {
+        **common,
+        "name": "Parcel model",
+        "unique_id": f"{node}_model",
+        "default_entity_id": f"update.{node}_model",
+        "state_topic": f"{base}/state",
+        "value_template": "{{ value_json.model.version }}",
+        "latest_version_topic": f"{base}/desired",
+        "latest_version_template": "{{ value_json.version }}",
+        "entity_category": "diagnostic",
+        "title": "doorstep parcel model",
+    }
     configs[f"{prefix}/image/{node}/snapshot/config"] = {
         **common,
         "name": "Parcel snapshot",
