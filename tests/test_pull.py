@@ -234,3 +234,45 @@ def test_the_daemon_follows_desired_and_rolls_back_a_bundle_that_fails(
         assert daemon.proc.poll() is None  # still running, still detecting
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_bundle_whose_self_test_fails_is_rolled_back_by_the_daemon(
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    nginx: Nginx,
+    mosquitto: Mosquitto,
+    bus: Bus,
+    testmodels: Path,
+) -> None:
+    """A signed bundle of a model whose int8 scores collapsed to 0 (it loads, it runs, it finds
+    nothing): the daemon's self-test at reload refuses it, the agent rolls back."""
+    from daemonproc import DaemonProc
+    from support.doorbell import write_still_image
+
+    from device.bundle.build import describe_model
+
+    key, pub = keys
+    manifest, files = describe_model(
+        testmodels / "yolo_v8_int8_collapsed.tflite", testmodels / "labels.txt"
+    )
+    broken = tmp_path / "collapsed"
+    write_bundle(broken, manifest.model_copy(update={"version": "4.0.0"}), files)
+    sign_bundle(broken, key)
+    facts = served(broken, nginx.root)
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    cfg = json.loads(config.read_text())
+    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "s.png")), "fps": 5}
+    config.write_text(json.dumps(cfg))
+    daemon = DaemonProc(config)
+    try:
+        daemon.record("start", timeout=60)
+        bus.want("d1", desired(facts, nginx.url(facts["tar"].name), "4.0.0"))
+        failed = daemon.record("reload_failed", timeout=60)
+        assert "collapsed" in failed["error"] or "score is 0" in failed["error"], failed
+        report = bus.wait_report(lambda r: r.state == "rolled_back", 60)
+        assert "self-test" in (report.reason or "") or "score" in (report.reason or "")
+        store = Store(tmp_path / "state-d1")
+        assert store.linked(store.current) is None  # back to the shipped model
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
