@@ -276,3 +276,33 @@ def test_a_bundle_whose_self_test_fails_is_rolled_back_by_the_daemon(
         assert daemon.proc.poll() is None
     finally:
         assert daemon.stop() == 0
+
+
+def test_the_daemon_retries_a_failed_download_with_backoff(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    """The origin has not got the bundle yet (404): the agent reports it, waits, tries again
+    (doubling from retry_min_s), and serves once the file is there, with no new message."""
+    from daemonproc import DaemonProc
+    from support.doorbell import write_still_image
+
+    key, pub = keys
+    elsewhere = tmp_path / "not-yet"
+    elsewhere.mkdir()
+    facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), elsewhere)
+    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
+    cfg = json.loads(config.read_text())
+    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "s.png")), "fps": 5}
+    config.write_text(json.dumps(cfg))
+    daemon = DaemonProc(config)
+    try:
+        daemon.record("start", timeout=60)
+        bus.want("d1", desired(facts, nginx.url(facts["tar"].name), "2.0.0"))
+        failed = bus.wait_report(lambda r: r.state == "failed", 60)
+        assert "HTTP 404" in (failed.reason or "")
+        shutil.copy(facts["tar"], nginx.root / facts["tar"].name)  # the origin catches up
+        bus.wait_report(lambda r: r.state == "serving" and r.active_id == facts["id"], 60)
+        attempts = [r for r in bus.reports if r.state == "failed"]
+        assert len(attempts) >= 1
+    finally:
+        assert daemon.stop() == 0
