@@ -326,12 +326,13 @@ class UpdateConfig(Section):
 
     enabled: bool = Field(False, description="follow the desired topic (needs mqtt and signing)")
     allowed_url_prefixes: Annotated[
-        list[Annotated[str, Field(min_length=8, max_length=512, pattern=r"^https?://")]],
+        list[Annotated[str, Field(min_length=8, max_length=512, pattern=r"^https?://[^/]+/")]],
         Field(max_length=16),
     ] = Field(
         default_factory=list,
-        description="a desired bundle URL must start with one of these (e.g. "
-        "https://models.example.com/doorstep/); at least one when enabled",
+        description="a desired bundle URL must start with one of these, and so must any "
+        "redirect (each with a / after the host, e.g. https://models.example.com/doorstep/); "
+        "at least one when enabled",
     )
     max_bundle_mb: Annotated[float, Field(gt=0, le=4096)] = Field(
         200, description="a desired bundle larger than this (MB) is refused before download"

@@ -276,6 +276,17 @@ def test_a_bundle_whose_self_test_fails_is_rolled_back_by_the_daemon(
         assert daemon.proc.poll() is None
     finally:
         assert daemon.stop() == 0
+    # Restarted, the daemon does not try the rolled-back bundle again (the retained message is
+    # still there); a new message is handled as usual.
+    good = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    again = DaemonProc(config)
+    try:
+        again.record("start", timeout=60)
+        bus.want("d1", desired(good, nginx.url(good["tar"].name), "2.0.0", rollout_id="r2"))
+        again.record("reloaded", timeout=60, version="2.0.0")
+        assert not any(r.get("log") == "reload_failed" for r in again.records)
+    finally:
+        assert again.stop() == 0
 
 
 def test_the_daemon_retries_a_failed_download_with_backoff(
@@ -306,3 +317,45 @@ def test_the_daemon_retries_a_failed_download_with_backoff(
         assert len(attempts) >= 1
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_redirect_outside_the_allowed_prefixes_is_refused(
+    tmp_path: Path, keys: tuple[Path, Path], nginx: Nginx, mosquitto: Mosquitto, bus: Bus
+) -> None:
+    """The origin may redirect within the allowed prefixes, never elsewhere."""
+    import http.server
+    import threading
+
+    key, pub = keys
+    facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), nginx.root)
+    target = {"url": "http://192.0.2.1/elsewhere.tar"}
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target["url"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer((HOST, 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        mover = f"http://{HOST}:{server.server_address[1]}/"
+        config = device_config(tmp_path, "d1", mosquitto, pub, mover)
+        cfg = json.loads(config.read_text())
+        cfg["update"]["allowed_url_prefixes"] = [mover, nginx.base_url]
+        config.write_text(json.dumps(cfg))
+        bus.want("d1", desired(facts, mover + "moved.tar", "2.0.0"))
+        proc = update_once(config)
+        assert proc.returncode == 1 and "outside update.allowed_url_prefixes" in proc.stdout
+        target["url"] = nginx.url(facts["tar"].name)  # a move within the prefixes is followed
+        proc = update_once(config)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

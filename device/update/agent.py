@@ -77,11 +77,11 @@ class UpdateAgent:
         self.apply, self.report = apply, report
         self._cond = threading.Condition()
         self._desired: Desired | None = None
-        self._done: str | None = None  # the last message fully handled (its JSON)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: UpdateReport | None = None
         self._last_progress = (0, 0.0)
+        self._done = self._read_done()  # a restart does not retry a bundle it rolled back
         self.refused_messages = 0
 
     # -- input (paho's network thread)
@@ -141,6 +141,28 @@ class UpdateAgent:
             else:
                 backoff = self.cfg.retry_min_s
                 self._done = desired.model_dump_json()
+                self._write_done(self._done, outcome.state)
+
+    @property
+    def _done_file(self) -> Path:
+        return self.store.state_dir / "update-done.json"
+
+    def _read_done(self) -> str | None:
+        """The desired message last handled for good (kept in the state directory)."""
+        from device.safefile import UnsafeFileError, read_small_file
+
+        try:
+            raw = read_small_file(self._done_file, 1 << 16)
+            return str(json.loads(raw)["desired"]) if raw else None
+        except (UnsafeFileError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_done(self, desired_json: str, state: str) -> None:
+        from device.safefile import write_atomic
+
+        data = json.dumps({"desired": desired_json, "state": state, "time": time.time()})
+        with contextlib.suppress(OSError):  # a full disk: it is retried after a restart
+            write_atomic(self._done_file, data.encode())
 
     def run_once(self, desired: Desired) -> _Outcome:
         """Handle one message in this thread (``doorstep-device update --once``)."""
@@ -183,6 +205,7 @@ class UpdateAgent:
                 rate_kbps=self.cfg.rate_limit_kbps,
                 progress=lambda n: self._progress(d, n),
                 stop=self._stop,
+                allowed_prefixes=self.cfg.allowed_url_prefixes,
             )
             part.rename(tar)
             self._publish(d, "installing", got=d.size)

@@ -17,9 +17,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from device.errors import DoorstepError
 
@@ -49,6 +49,7 @@ def download(
     rate_kbps: float | None = None,
     progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
+    allowed_prefixes: Sequence[str] = (),
 ) -> Path:
     """Complete ``part`` from ``url`` (``size`` bytes with this ``sha256``) and return it.
 
@@ -65,7 +66,9 @@ def download(
             f"{part.parent}: {free} bytes free, the download needs {size - have} more"
         )
     if have < size:
-        have = _fetch(url, part, have, size, ca_file, timeout_s, rate_kbps, progress, stop)
+        have = _fetch(
+            url, part, have, size, ca_file, timeout_s, rate_kbps, progress, stop, allowed_prefixes
+        )
     digest = hashlib.sha256()
     with os.fdopen(os.open(part, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -89,13 +92,17 @@ def _fetch(
     rate_kbps: float | None,
     progress: Callable[[int], None] | None,
     stop: threading.Event | None,
+    allowed_prefixes: Sequence[str],
 ) -> int:
     request = urllib.request.Request(url, headers={"User-Agent": "doorstep-device"})
     if have:
         request.add_header("Range", f"bytes={have}-")
-    context = _context(ca_file) if url.startswith("https://") else None
+    handlers: list[urllib.request.BaseHandler] = [_Redirects(allowed_prefixes)]
+    if url.startswith("https://"):
+        handlers.append(urllib.request.HTTPSHandler(context=_context(ca_file)))
+    opener = urllib.request.build_opener(*handlers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s, context=context)
+        response = opener.open(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have == size:
             return have
@@ -166,6 +173,23 @@ def _fetch(
             resumable=True,
         )
     return have
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a URL under the allowed prefixes (an origin may move its
+    files, not send the device to another network)."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.allowed = tuple(allowed)
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if self.allowed and not newurl.startswith(self.allowed):
+            raise DownloadError(
+                f"{req.full_url}: redirected to {newurl}, outside update.allowed_url_prefixes"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _part_size(part: Path) -> int:
