@@ -125,10 +125,12 @@ def test_rollout_in_waves_to_real_daemons(
     assert proc.stderr.index("canary: d1") < proc.stderr.index("wave 2: d2")
     assert all(active(tmp_path, n) == d["id"] for n in names)
     assert nginx.served_bytes() == 3 * d["size"]  # each device fetched it once
-    again = subprocess.run(
-        [*rollout(d, nginx, mosquitto, fleet), "--journal", str(journal)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    by_id = [
+        sys.executable, "-m", "host.cli", "rollout", d["id"], "--base-url", nginx.base_url,
+        "--fleet", str(fleet), "--broker", f"mqtt://{HOST}:{mosquitto.port}",
+        "--journal", str(journal),
+    ]  # fmt: skip
+    again = subprocess.run(by_id, capture_output=True, text=True, timeout=60)  # the bare id
     assert again.returncode == 0 and "already serving 2.0.0: d1, d2, d3" in again.stderr
 
 

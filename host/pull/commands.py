@@ -49,7 +49,12 @@ def add_parsers(sub: Any) -> None:
         "  doorstep-host rollout --status ROLLOUT_ID --fleet fleet.yaml --broker mqtt://b\n"
         "  doorstep-host rollout --abort ROLLOUT_ID --fleet fleet.yaml --broker mqtt://b",
     )
-    p.add_argument("descriptor", nargs="?", metavar="DESCRIPTOR", help="URL or file of <id>.json")
+    p.add_argument(
+        "descriptor",
+        nargs="?",
+        metavar="BUNDLE",
+        help="<id>.json (URL or file), the tar's URL, or the bundle id with --base-url",
+    )
     p.add_argument("--fleet", required=True, metavar="FILE", help="fleet.yaml (devices by id)")
     p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port], mqtts://")
     p.add_argument("--prefix", default="doorstep", help="topic prefix (default: doorstep)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import sys
 import tempfile
@@ -53,7 +54,17 @@ class RolloutError(DoorstepError):
 
 
 def load_descriptor(source: str, base_url: str | None = None) -> dict[str, Any]:
-    """The ``<id>.json`` that ``publish`` wrote, from a URL or a file, with its tar's URL."""
+    """The ``<id>.json`` that ``publish`` wrote, with its tar's URL. ``source`` is that file's
+    URL or path, the tar's URL (``.../<id>.tar``), or the bare bundle id with ``base_url``."""
+    if re.fullmatch(r"[0-9a-f]{64}", source):
+        if not base_url:
+            raise RolloutError(
+                f"{source[:16]}...: a bundle id needs --base-url (where publish's files are "
+                "served) to find <id>.json"
+            )
+        source = base_url.rstrip("/") + f"/{source}.json"
+    elif source.startswith(("http://", "https://")) and source.endswith(".tar"):
+        source = source[: -len(".tar")] + ".json"
     try:
         if source.startswith(("http://", "https://")):
             with urllib.request.urlopen(source, timeout=30) as response:
