@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from device import __version__
 from device.alerts.announce import Announcer
@@ -53,6 +53,9 @@ from device.record import DaemonRecord
 from device.sdnotify import Notifier
 from device.storage import check_writable
 from device.telemetry import StageWindow, Telemetry
+
+if TYPE_CHECKING:  # imported when update.enabled (pull mode) only
+    from device.update.agent import UpdateAgent
 
 STALL_EXIT_FACTOR = 3  # a live source silent for this many stall_s ends the run (exit 1)
 STATE_DIR_FIX = (
@@ -80,7 +83,7 @@ class Daemon:
         self.reload_config = reload_config
         self._reloads = threading.Condition()  # notified after each reload (the update agent)
         self._reload_count = 0
-        self.update_agent: Any = None  # device.update.agent.UpdateAgent with update.enabled
+        self.update_agent: UpdateAgent | None = None  # with update.enabled
         self.notify = Notifier()
         state_dir = Path(cfg.state_dir)
         short = check_writable(state_dir, "state directory", STATE_DIR_FIX)

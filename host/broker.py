@@ -29,7 +29,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(port: int, timeout: float) -> bool:
+def terminate(proc: subprocess.Popen[Any] | None) -> None:
+    """Stop ``proc`` (SIGTERM, then SIGKILL after 10 s) and reap it; None or gone: nothing."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -49,7 +60,8 @@ def find_mosquitto() -> str | None:
 class EmbeddedBroker:
     """``with EmbeddedBroker() as b: ... b.url``; ``kind`` says which broker runs."""
 
-    def __init__(self, prefer: str = "auto") -> None:
+    def __init__(self, prefer: str = "auto", extra_config: str = "") -> None:
+        """``extra_config``: more mosquitto.conf lines (mosquitto only)."""
         if prefer not in ("auto", "mosquitto", "amqtt"):
             raise DoorstepError(f"embedded broker {prefer!r}: choose auto, mosquitto or amqtt")
         self.port = free_port()
@@ -65,6 +77,7 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
+        self._extra = extra_config
 
     def start(self) -> EmbeddedBroker:
         if self._mosquitto:
@@ -72,6 +85,7 @@ class EmbeddedBroker:
             conf = Path(self._tmp.name) / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                + self._extra
             )
             self._proc = subprocess.Popen(
                 [self._mosquitto, "-c", str(conf)],
@@ -80,7 +94,7 @@ class EmbeddedBroker:
             )
         else:
             self._start_amqtt()
-        if not _wait_for_port(self.port, 10):
+        if not wait_for_port(self.port, 10):
             self.stop()
             raise DoorstepError(f"the embedded {self.kind} broker did not start on {self.url}")
         return self
@@ -124,13 +138,8 @@ class EmbeddedBroker:
             raise DoorstepError(f"the embedded amqtt broker failed to start: {failure[0]}")
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-            self._proc = None
+        terminate(self._proc)
+        self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

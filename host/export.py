@@ -397,7 +397,7 @@ def export_ssd_postprocess(
         g.inputs = np.asarray([feed], dtype=np.int32)
         g.tensors[feed].name = b"image"
     _drop_unused(graph)
-    _update_signature(graph, results)
+    _update_signature(graph)  # after _drop_unused: the tensors are renumbered
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -429,25 +429,20 @@ def _drop_unused(graph: _Graph) -> None:
     _drop_tensors(g, drop)
 
 
-def _update_signature(graph: _Graph, results: list[int]) -> None:
-    """The signature names the four outputs (and the new input) in the tools' order."""
+def _update_signature(graph: _Graph) -> None:
+    """One signature naming the input and the four outputs, in the tools' order."""
     s, g = graph.s, graph.g
+
+    def entry(name: str, index: int) -> Any:
+        e = s.TensorMapT()
+        e.name, e.tensorIndex = name, index
+        return e
+
     signature = s.SignatureDefT()
     signature.signatureKey = "serving_default"
     signature.subgraphIndex = 0
-    entries = []
-    for name, index in (("image", int(g.inputs[0])),):
-        e = s.TensorMapT()
-        e.name, e.tensorIndex = name, index
-        entries.append(e)
-    signature.inputs = entries
-    signature.outputs = []
-    out_names = [g.tensors[int(i)].name.decode() for i in g.outputs]
-    for name, tensor_name in zip(OUTPUT_NAMES, out_names, strict=True):
-        e = s.TensorMapT()
-        e.name = name
-        e.tensorIndex = next(i for i, t in enumerate(g.tensors) if t.name.decode() == tensor_name)
-        signature.outputs.append(e)
+    signature.inputs = [entry("image", int(g.inputs[0]))]
+    signature.outputs = [entry(n, int(i)) for n, i in zip(OUTPUT_NAMES, g.outputs, strict=True)]
     graph.model.signatureDefs = [signature]
 
 

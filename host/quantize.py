@@ -435,12 +435,11 @@ def _gate(
                 }
             ],
         )
-        rows = [row for row in json.loads(report_path.read_text()) if row["loss_db"] > 0]
-        layers = [{**row, "rmse_over_scale": row["loss_db"]} for row in rows]
+        layers = [row for row in json.loads(report_path.read_text()) if row["loss_db"] > 0]
         # Kept in float, an op's output is quantized again where an int8 op reads it: the
         # unit kept in float is the op with its readers, so the tensor stays float.
-        units = {row["tensor"]: [row["tensor"], *row["consumers"]] for row in rows}
-        say("    dB lost  op                 output tensor")
+        units = {row["tensor"]: [row["tensor"], *row["consumers"]] for row in layers}
+        error, header = "loss_db", "dB lost"
     else:
         layers = run_job(
             "sensitivity",
@@ -449,8 +448,10 @@ def _gate(
             input_spec=spec,
             input_type=args.input_type,
         )["layers"]
+        error, header = "rmse_over_scale", "rmse/scale"
+    say(f"    {header:>10}  {'op':<18} output tensor")
     for row in layers[:5]:
-        say(f"    {row['rmse_over_scale']:10.3f}  {row['op']:<18} {row['tensor']}")
+        say(f"    {row[error]:10.3f}  {row['op']:<18} {row['tensor']}")
     ranked = [row["tensor"] for row in layers]
     if not ranked:
         raise QualityGateError(

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ValidationError
 
 from device.alerts.mqtt import BrokerSettings
@@ -158,19 +157,8 @@ class Watcher:
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
-        host, port, tls = self.broker.address()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            protocol=mqtt.MQTTv5 if self.broker.protocol == "5" else mqtt.MQTTv311,
-        )
-        if self.broker.username:
-            self.client.username_pw_set(self.broker.username, self.broker.password())
-        if tls or self.broker.ca_file:
-            self.client.tls_set(
-                ca_certs=str(self.broker.ca_file) if self.broker.ca_file else None,
-                certfile=str(self.broker.cert_file) if self.broker.cert_file else None,
-                keyfile=str(self.broker.key_file) if self.broker.key_file else None,
-            )
+        host, port, _ = self.broker.address()
+        self.client = self.broker.client()
         self._address = (host, port)
         self._seen: dict[str, None] = {}  # insertion-ordered: the oldest id goes first
         self._bad_topics: set[str] = set()

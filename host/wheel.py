@@ -34,7 +34,11 @@ def device_pyproject(text: str) -> str:
         (r'(?m)^doorstep-host = "host\.cli:main"\n', ""),
         (r"(?ms)^host = \[\n.*?^\]\n", ""),  # the host extra
         (r'(?m)^host = \["py\.typed"\]\n', ""),  # its package data
-        (r'(?ms)^\[tool\.setuptools\.exclude-package-data\]\nhost = \["models/\*"\]\n', ""),
+        (
+            r"(?ms)^\[tool\.setuptools\.exclude-package-data\]\n(?:#[^\n]*\n)*"
+            r'host = \["models/\*\*"\]\n',
+            "",
+        ),
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text, count=1)

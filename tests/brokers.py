@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from host.broker import terminate
+
 HOST = "127.0.0.1"
 
 # The accounts of the password broker: the doorbell that publishes, a subscriber that listens.
@@ -48,17 +50,6 @@ def find_tool(name: str) -> str | None:
         if os.access(f"{folder}/{name}", os.X_OK):
             return f"{folder}/{name}"
     return None
-
-
-def terminate(proc: subprocess.Popen[bytes] | None) -> None:
-    """Stop ``proc`` (SIGTERM, then SIGKILL after 10 s) and reap it; None or gone: nothing."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def free_port() -> int:

@@ -98,8 +98,16 @@ class Bus:
 
 
 def device_config(
-    tmp_path: Path, name: str, broker: Mosquitto, pub: Path, prefix: str, **update: Any
+    tmp_path: Path,
+    name: str,
+    broker: Mosquitto,
+    pub: Path,
+    prefix: str,
+    still: Path | None = None,
+    **update: Any,
 ) -> Path:
+    """``name``'s device.yaml with ``update:`` on; with ``still``, a camera for ``run`` that
+    shows that image at 5 fps (``update --once`` needs none)."""
     state = tmp_path / f"state-{name}"
     cfg = {
         "device_id": name,
@@ -109,6 +117,8 @@ def device_config(
         "update": {"enabled": True, "allowed_url_prefixes": [prefix], "retry_min_s": 0.2,
                    **update},
     }  # fmt: skip
+    if still is not None:
+        cfg["source"] = {"type": "still", "path": str(still), "fps": 5}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     return path

@@ -209,11 +209,9 @@ def test_the_daemon_follows_desired_and_rolls_back_a_bundle_that_fails(
     )
     sign_bundle(bad_dir, key)
     bad = served(bad_dir, nginx.root)
-    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
-    cfg = json.loads(config.read_text())
-    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "still.png")),
-                     "fps": 10}  # fmt: skip
-    config.write_text(json.dumps(cfg))
+    config = device_config(
+        tmp_path, "d1", mosquitto, pub, nginx.base_url, write_still_image(tmp_path / "still.png")
+    )
     daemon = DaemonProc(config)
     try:
         daemon.record("start", timeout=60)
@@ -259,10 +257,9 @@ def test_a_bundle_whose_self_test_fails_is_rolled_back_by_the_daemon(
     write_bundle(broken, manifest.model_copy(update={"version": "4.0.0"}), files)
     sign_bundle(broken, key)
     facts = served(broken, nginx.root)
-    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
-    cfg = json.loads(config.read_text())
-    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "s.png")), "fps": 5}
-    config.write_text(json.dumps(cfg))
+    config = device_config(
+        tmp_path, "d1", mosquitto, pub, nginx.base_url, write_still_image(tmp_path / "s.png")
+    )
     daemon = DaemonProc(config)
     try:
         daemon.record("start", timeout=60)
@@ -301,10 +298,9 @@ def test_the_daemon_retries_a_failed_download_with_backoff(
     elsewhere = tmp_path / "not-yet"
     elsewhere.mkdir()
     facts = served(make_bundle(tmp_path / "b2", "2.0.0", key), elsewhere)
-    config = device_config(tmp_path, "d1", mosquitto, pub, nginx.base_url)
-    cfg = json.loads(config.read_text())
-    cfg["source"] = {"type": "still", "path": str(write_still_image(tmp_path / "s.png")), "fps": 5}
-    config.write_text(json.dumps(cfg))
+    config = device_config(
+        tmp_path, "d1", mosquitto, pub, nginx.base_url, write_still_image(tmp_path / "s.png")
+    )
     daemon = DaemonProc(config)
     try:
         daemon.record("start", timeout=60)

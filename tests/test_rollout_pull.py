@@ -54,10 +54,7 @@ def daemons(
     still = write_still_image(tmp_path / "still.png")
 
     def start(name: str) -> DaemonProc:
-        config = device_config(tmp_path, name, mosquitto, keys[1], nginx.base_url)
-        cfg = json.loads(config.read_text())
-        cfg["source"] = {"type": "still", "path": str(still), "fps": 5}
-        config.write_text(json.dumps(cfg))
+        config = device_config(tmp_path, name, mosquitto, keys[1], nginx.base_url, still)
         d = DaemonProc(config)
         started.append(d)
         d.record("start", timeout=60)
@@ -259,10 +256,7 @@ def test_a_broker_restart_mid_rollout_is_carried_through(
     procs = []
     try:
         for name in ("d1", "d2"):
-            config = device_config(tmp_path, name, broker, keys[1], nginx.base_url)
-            cfg = json.loads(config.read_text())
-            cfg["source"] = {"type": "still", "path": str(still), "fps": 5}
-            config.write_text(json.dumps(cfg))
+            config = device_config(tmp_path, name, broker, keys[1], nginx.base_url, still)
             procs.append(DaemonProc(config))
             procs[-1].record("start", timeout=60)
         d = publish(make_bundle(tmp_path / "b2", "2.0.0", keys[0]), nginx)

@@ -78,6 +78,25 @@ class BrokerSettings:
         tls = u.scheme == "mqtts"
         return u.hostname, u.port or (8883 if tls else 1883), tls
 
+    def client(self, client_id: str = "") -> mqtt.Client:
+        """A paho client for this broker: protocol, credentials and TLS set (not connected)."""
+        _, _, tls = self.address()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311,
+        )
+        if self.username:
+            client.username_pw_set(self.username, self.password())
+        if tls or self.ca_file:
+            client.tls_set(
+                ca_certs=str(self.ca_file) if self.ca_file else None,
+                certfile=str(self.cert_file) if self.cert_file else None,
+                keyfile=str(self.key_file) if self.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        return client
+
     def password(self) -> str | None:
         if self.password_file is not None:
             try:
@@ -111,23 +130,10 @@ class Publisher:
     ) -> None:
         self.base = f"{prefix}/{device_id}"
         self.broker, self.outbox = broker, outbox
-        host, port, tls = broker.address()
+        host, port, _ = broker.address()
         self._address = (host, port)
         v5 = broker.protocol == "5"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"doorstep-{device_id}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        )
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password())
-        if tls or broker.ca_file:
-            self.client.tls_set(
-                ca_certs=str(broker.ca_file) if broker.ca_file else None,
-                certfile=str(broker.cert_file) if broker.cert_file else None,
-                keyfile=str(broker.key_file) if broker.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        self.client = broker.client(f"doorstep-{device_id}")
         self.client.will_set(f"{self.base}/availability", "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
         # room for the event window plus availability, state, snapshot and discovery

@@ -156,12 +156,10 @@ def _fetch(
                 if progress is not None and now - last_report >= 1.0:
                     last_report = now
                     progress(have)
-                if rate_kbps:
+                if rate_kbps:  # ahead of the allowed rate: wait (a stop ends the wait)
                     ahead = (have - sent_at_start) / (rate_kbps * 1000) - (now - started)
-                    if ahead > 0 and stop is not None and stop.wait(ahead):
-                        continue
-                    if ahead > 0 and stop is None:
-                        time.sleep(ahead)
+                    if ahead > 0:
+                        (stop or threading.Event()).wait(ahead)
             out.flush()
             os.fsync(out.fileno())
     if progress is not None:

@@ -12,13 +12,11 @@ its next start.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device.errors import DoorstepError
 from device.update.agent import UpdateAgent
@@ -76,21 +74,8 @@ def run_once(cfg: DeviceConfig, wait_s: float = 10.0) -> int:
     store = Store(cfg.state_dir)
     broker = BrokerSettings.from_config(cfg.mqtt)
     base = f"{cfg.mqtt.prefix}/{cfg.device_id}"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"doorstep-update-{cfg.device_id}",
-        protocol=mqtt.MQTTv5 if broker.protocol == "5" else mqtt.MQTTv311,
-    )
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password())
-    host, port, tls = broker.address()
-    if tls or broker.ca_file:
-        client.tls_set(
-            ca_certs=str(broker.ca_file) if broker.ca_file else None,
-            certfile=str(broker.cert_file) if broker.cert_file else None,
-            keyfile=str(broker.key_file) if broker.key_file else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+    client = broker.client(f"doorstep-update-{cfg.device_id}")
+    host, port, _ = broker.address()
     subscribed, got = threading.Event(), threading.Event()
     message: list[bytes] = []
 

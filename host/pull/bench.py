@@ -134,33 +134,6 @@ def _worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- the bench
 
 
-def _mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    from host.broker import find_mosquitto, free_port
-
-    exe = find_mosquitto()
-    if exe is None:
-        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} {HOST}\nallow_anonymous true\npersistence false\nsys_interval 1\n"
-        "max_queued_messages 100000\nlog_dest none\n"
-    )
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 10
-    import socket
-
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
-                return proc, port
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
-
-
 def _sys_counters(port: int) -> dict[str, int]:
     """Mosquitto's ``$SYS/broker/publish/messages/{received,sent}`` (updated every second)."""
     import paho.mqtt.client as mqtt
@@ -190,6 +163,7 @@ def bench_one(n: int, workers: int, work: Path, progress: bool = True) -> BenchR
     from device.bundle.signing import generate_keypair, sign_bundle
     from device.bundle.store import load_bundle, write_bundle
     from device.models import default_bundle
+    from host.broker import EmbeddedBroker
     from host.fleet.inventory import Device, RolloutPolicy
     from host.pull.origin import Nginx
     from host.pull.publish import publish
@@ -206,7 +180,11 @@ def bench_one(n: int, workers: int, work: Path, progress: bool = True) -> BenchR
     (root / "origin").mkdir()
     nginx = Nginx(root / "origin", root / "nginx")
     nginx.start()
-    broker, port = _mosquitto(root)
+    # $SYS counters every second; room for every agent's queued messages
+    broker = EmbeddedBroker(
+        "mosquitto", extra_config="sys_interval 1\nmax_queued_messages 100000\nlog_dest none\n"
+    ).start()
+    port = broker.port
     procs: list[subprocess.Popen[str]] = []
     try:
         descriptor = publish(bundle, root / "origin", nginx.base_url)
@@ -283,8 +261,7 @@ def bench_one(n: int, workers: int, work: Path, progress: bool = True) -> BenchR
             if p.poll() is None:
                 p.kill()
                 p.communicate(timeout=30)
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()
         nginx.stop()
         shutil.rmtree(root, ignore_errors=True)
 

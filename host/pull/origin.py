@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from host.broker import free_port, terminate
+
 HOST = "127.0.0.1"
 
 
@@ -23,22 +25,6 @@ def find_nginx() -> str | None:
     if found:
         return found
     return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 class NginxMissingError(RuntimeError):
@@ -53,7 +39,7 @@ class Nginx:
                 "nginx is not installed (apt-get install nginx-light; .ci/run installs it)"
             )
         self.exe, self.root, self.work = exe, root, work
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         work.mkdir(parents=True, exist_ok=True)
         self.conf = work / "nginx.conf"
@@ -130,5 +116,5 @@ http {{
         return total
 
     def stop(self) -> None:
-        _terminate(self.proc)
+        terminate(self.proc)
         self.proc = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import ssl
 import sys
 import tempfile
 import threading
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from device.alerts.mqtt import BrokerSettings
@@ -114,19 +112,8 @@ class FleetView:
         self.cond = threading.Condition()
         self._synced = threading.Event()
         self._sync_topic = f"{prefix}/_rollout/sync-{os.getpid()}-{time.time_ns()}"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"doorstep-rollout-{os.getpid()}-{time.time_ns() % 10**6}",
-            protocol=mqtt.MQTTv5 if broker.protocol == "5" else mqtt.MQTTv311,
-        )
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password())
-        host, port, tls = broker.address()
-        if tls or broker.ca_file:
-            self.client.tls_set(
-                ca_certs=str(broker.ca_file) if broker.ca_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        self.client = broker.client(f"doorstep-rollout-{os.getpid()}-{time.time_ns() % 10**6}")
+        host, port, _ = broker.address()
         self._address = (host, port)
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
