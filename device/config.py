@@ -155,9 +155,20 @@ class MqttConfig(Section):
         description="first topic level(s): <prefix>/<device_id>/...; letters, digits, _ - "
         "and single /, at most 64 characters",
     )
-    home_assistant: bool = Field(True, description="publish Home Assistant discovery configs")
+    home_assistant: bool = Field(
+        True,
+        description="publish Home Assistant's device discovery config (false: clear it, and "
+        "Home Assistant removes the device)",
+    )
     discovery_prefix: Annotated[str, Field(pattern=TOPIC_PATTERN, max_length=64)] = Field(
         "homeassistant", description="Home Assistant's discovery topic prefix"
+    )
+    support_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=300)] | None = (
+        Field(
+            None,
+            description="a page about this fleet (http/https), linked from the device in Home "
+            "Assistant (the discovery origin's support_url)",
+        )
     )
     snapshot: bool = Field(True, description="retain a JPEG of the main stream at arrival")
     snapshot_quality: Annotated[int, Field(ge=10, le=100)] = Field(
@@ -295,6 +306,11 @@ class TelemetryConfig(Section):
     )
     power_sample_s: Annotated[float, Field(ge=0.1, le=3600)] = Field(
         5.0, description="seconds (0.1..3600) between power meter readings (integrated per report)"
+    )
+    snapshots_keep: Annotated[int, Field(ge=0, le=1000)] = Field(
+        20,
+        description="JPEGs of the last N arrivals (0..1000) kept in <state_dir>/snapshots for "
+        "doorstep-host report; 0: none",
     )
 
     @field_validator("log_file")

@@ -41,6 +41,7 @@ from device.conditions import Conditions
 from device.config import DeviceConfig
 from device.detect.checked import open_detector
 from device.detect.detector import Detector
+from device.draw import parcel_snapshot
 from device.errors import ConfigError, DoorstepError
 from device.health import Health
 from device.install import RecordWriteError, Store, write_daemon_record
@@ -51,6 +52,7 @@ from device.pipeline import Pipeline, model_sha, roles_of
 from device.presence import Event, PresenceTracker, describe_time
 from device.record import DaemonRecord
 from device.sdnotify import Notifier
+from device.snapshots import SnapshotStore
 from device.storage import check_writable
 from device.telemetry import StageWindow, Telemetry
 
@@ -112,6 +114,8 @@ class Daemon:
         db = state_dir / "outbox.sqlite"  # with no broker it holds the tracker's state only
         self.outbox = Outbox.from_config(db, q) if q is not None else Outbox(db)
         self.conditions = Conditions(self.outbox, self.log)
+        self._started = time.perf_counter()
+        self._status_at = (self._started, 0)  # the live status line's last (time, frames)
         if short is not None:
             self.conditions.storage.enter(short)
         self.source = open_source(cfg.source)
@@ -126,6 +130,7 @@ class Daemon:
         self.health = Health(cfg.telemetry, cfg.power)
         self.telemetry = Telemetry(t.interval_s, StageWindow(t.window), self.health)
         self.announce = Announcer(q, cfg.device_id, self.outbox)
+        self.snapshots = SnapshotStore(state_dir / "snapshots", t.snapshots_keep)
 
     @property
     def det(self) -> Detector:
@@ -182,6 +187,7 @@ class Daemon:
                 "last_event": self.last_event,
                 "started": self.started,
                 "updated": round(time.time(), 3),
+                "log_file": str(self.log.path) if self.log.path is not None else None,
                 **self.conditions.record_fields(),
             }
         )
@@ -253,6 +259,8 @@ class Daemon:
                 maintain_at = t1 + 1.0
                 self.outbox.maintain()
                 self._check_storage()
+                if self.log.live:
+                    self.log.status(self._status_line(t1))
             if tel.due():
                 self._report()
             if frame is None:
@@ -277,6 +285,30 @@ class Daemon:
                 )
             self._frame(frame, frame.t + offset, t1)
             self.notify.watchdog()  # only after a frame was really handled
+
+    def _status_line(self, now: float) -> str:
+        """The terminal's live line: fps since the last one, recent pipeline ms, presence,
+        broker, outbox depth."""
+        frames = self.telemetry.total.frames
+        last_t, last_frames = self._status_at
+        self._status_at = (now, frames)
+        fps = (frames - last_frames) / (now - last_t) if now > last_t else 0.0
+        recent = self.telemetry.window.recent("pipeline", 30)
+        pipeline = f"{sorted(recent)[len(recent) // 2]:.1f} ms" if recent else "-"
+        zones = [z for z, on in self.pipeline.tracker.present().items() if on]
+        parcel = f"yes ({', '.join(zones)})" if zones else "no"
+        broker = self._broker_state() or "none"
+        stalled = ", source stalled" if self.conditions.stall.active else ""
+        return (
+            f"doorstep: {fps:4.1f} fps | pipeline {pipeline} | parcel: {parcel} | "
+            f"broker: {broker} | outbox {len(self.outbox)}{stalled}"
+        )
+
+    def _broker_state(self) -> Literal["connected", "disconnected"] | None:
+        publisher = self.announce.publisher
+        if publisher is None:
+            return None
+        return "connected" if publisher.connected.is_set() else "disconnected"
 
     def _stalled(self, stall_s: float) -> None:
         stall, last = self.conditions.stall, self.conditions.last_frame
@@ -324,15 +356,23 @@ class Daemon:
         tel.stage("pipeline", (t_end - t_start) * 1e3)
 
     def _announce(self, frame: Frame, event: Event, payload: dict[str, Any]) -> None:
-        """Log and publish an event already committed to the outbox."""
+        """Log and publish an event already committed to the outbox. An arrival's snapshot
+        (one JPEG) is kept on disk for reports and retained on MQTT."""
+        tracker = self.pipeline.tracker
+        jpeg, saved = None, None
+        if event.kind == "arrived" and (self.snapshots.keep or self.announce.wants_snapshot()):
+            quality = self.cfg.mqtt.snapshot_quality if self.cfg.mqtt is not None else 85
+            jpeg = parcel_snapshot(frame.image, tracker.boxes(), quality)
+            saved = self.snapshots.save(str(payload["id"]), jpeg)
         theft = " (possible theft)" if event.possible_theft else ""
         self.log.emit(
             "event",
             f"parcel {event.kind} in {event.zone} {describe_time(event.time)}{theft}",
             **payload,
+            **({"snapshot": saved} if saved else {}),
         )
         self.last_event = {k: payload[k] for k in ("event", "id", "zone", "wall_time")}
-        self.announce.event(event, frame.image, self.pipeline.tracker)
+        self.announce.event(event, jpeg, tracker)
 
     def _start_updates(self) -> None:
         """Pull mode (``update.enabled``): the agent follows the desired topic in its thread;
@@ -377,6 +417,9 @@ class Daemon:
         counts = self.telemetry.total
         drained = self.announce.drain()
         report = self._report()
+        if self.log.live:  # the last word on the terminal: over the whole run
+            self._status_at = (self._started, 0)
+            self.log.status(self._status_line(time.perf_counter()))
         self.announce.stop()
         self.log.emit(
             "stop",
@@ -401,6 +444,7 @@ class Daemon:
         payload = TelemetryPayload(
             device_id=self.cfg.device_id,
             outbox=len(self.outbox) if self.cfg.mqtt is not None else 0,
+            broker=self._broker_state(),
             **self.conditions.payload_fields(),
             **fields,
         ).model_dump(mode="json")

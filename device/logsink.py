@@ -4,6 +4,9 @@ Under systemd stdout is the journal, so it gets short human lines by default (``
 json`` puts the JSON lines there instead, for scripts and tests). The JSON-lines file keeps
 every record (start, events, telemetry, reloads, stop) and rotates by size.
 
+On a terminal (stdout a TTY, human format) the periodic telemetry line gives way to one live
+status line, redrawn in place (:meth:`LogSink.status`); other lines print above it.
+
 The file is never worth the daemon's life: a directory that cannot be written at start is
 refused with one line, and a write that fails later (a full disk) is said once on stdout, the
 records go to stdout only, and the file is written again as soon as it can be.
@@ -49,6 +52,17 @@ def default_log_file(state_dir: Path) -> Path:
     )
 
 
+# Records whose human line the live status replaces on a terminal (still in the JSON log).
+LIVE_REPLACES = frozenset({"telemetry"})
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty() and os.environ.get("TERM", "") != "dumb"
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
 class LogSink:
     def __init__(
         self,
@@ -60,6 +74,8 @@ class LogSink:
     ) -> None:
         self.stdout_format = stdout_format
         self.stream = stream or sys.stdout
+        self.live = stdout_format == "human" and _is_terminal(self.stream)
+        self._status = ""  # the live line on screen, if any
         self._file: logging.Logger | None = None
         self._handler: _RotatingFile | None = None
         self.path = json_file
@@ -100,8 +116,29 @@ class LogSink:
                 self._say("log_ok", f"{self.path}: the log is written again")
         if self.stdout_format == "json":
             print(line, file=self.stream, flush=True)
-        elif human is not None:
-            print(f"doorstep: {human}", file=self.stream, flush=True)
+        elif human is not None and not (self.live and kind in LIVE_REPLACES):
+            self._print(f"doorstep: {human}")
+
+    def status(self, text: str) -> None:
+        """The live status line (a terminal only): drawn in place of the last one."""
+        if not self.live:
+            return
+        try:  # the terminal's own width (a COLUMNS inherited from elsewhere may be stale)
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            width = 100
+        self._status = text[: max(width - 1, 10)]
+        self.stream.write(f"\r\x1b[K{self._status}")
+        self.stream.flush()
+
+    def _print(self, text: str) -> None:
+        """A line for people; on a terminal it goes above the live status line."""
+        if self._status:
+            self.stream.write("\r\x1b[K")
+        print(text, file=self.stream)
+        if self._status:
+            self.stream.write(self._status)
+        self.stream.flush()
 
     def _say(self, kind: str, human: str, **fields: Any) -> None:
         """A record about the log file itself: stdout only."""
@@ -109,9 +146,13 @@ class LogSink:
             line = json.dumps({"t": round(time.time(), 3), "log": kind, **fields})
             print(line, file=self.stream, flush=True)
         else:
-            print(f"doorstep: {human}", file=self.stream, flush=True)
+            self._print(f"doorstep: {human}")
 
     def close(self) -> None:
+        if self._status:  # leave the last status on screen, and the cursor on a new line
+            self.stream.write("\n")
+            self.stream.flush()
+            self._status = ""
         if self._file is not None:
             for handler in list(self._file.handlers):
                 handler.close()

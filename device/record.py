@@ -135,6 +135,9 @@ class DaemonRecord(_Doc):
     )
     storage_error: Text | None = None
     outbox: OutboxStats | None = None
+    log_file: Text | None = Field(
+        default=None, description="the JSON-lines log this daemon writes (what report fetches)"
+    )
     # Since the hostile-input work: lets activate tell the daemon from a process that reused
     # its pid (device.daemon_proc.daemon_mismatch).
     pid_start_ticks: int | None = Field(

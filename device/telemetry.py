@@ -41,6 +41,11 @@ class StageWindow:
             q = self._samples[stage] = deque(maxlen=self.size)
         q.append(ms)
 
+    def recent(self, stage: str, n: int) -> list[float]:
+        """The last ``n`` samples of ``stage`` (oldest first)."""
+        q = self._samples.get(stage)
+        return list(q)[-n:] if q else []
+
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
         for stage in sorted(self._samples, key=lambda s: STAGES.index(s) if s in STAGES else 99):

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="doorstep-host",
         formatter_class=formatter,
         description="Prepare detectors for doorstep doorbells (train, quantize, evaluate, bundle, "
-        "bench) and run the fleet (sign, deploy, rollback, status, watch).",
+        "bench) and run the fleet (sign, deploy, rollback, status, watch, report).",
         epilog="examples:\n"
         "  doorstep-host bundle detect.tflite --labels labels.txt --out ssd-bundle/\n"
         "  doorstep-host quantize detector.keras --labels labels.txt --calib photos/ --out int8/\n"
@@ -396,6 +396,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry", action="store_true", help="also show telemetry reports (JSON only)"
     )
 
+    p = sub.add_parser(
+        "report",
+        formatter_class=formatter,
+        help="an HTML page with plots from the daemons' JSON-lines logs (local, or the fleet's)",
+        description="Read daemon logs (doorstep.jsonl: local files, or each device's over SFTP "
+        "with --fleet) and write DIR/index.html: a sortable fleet table (worst device on top) "
+        "and, per device, latency, frame rate, CPU and temperature with throttling, power and "
+        "energy per inference, outbox and broker connection over time, and the events with "
+        "their snapshots. Plots are PNG files beside the page; nothing is loaded from the "
+        "network. A device whose log cannot be read is reported as such; the others still are.",
+        epilog="examples:\n"
+        "  doorstep-host report /var/log/doorstep/doorstep.jsonl --out report/\n"
+        "  doorstep-host report --fleet fleet.yaml --since 24h --out report/\n"
+        "  doorstep-host report porch.jsonl garage.jsonl --snapshots porch-state/snapshots --out r/",
+    )
+    p.add_argument("logs", nargs="*", metavar="LOG", help="daemon JSON-lines log files")
+    p.add_argument("--fleet", metavar="FILE", help="fetch each device's log over SFTP")
+    p.add_argument(
+        "--since", metavar="DURATION", help="only the last DURATION: 90m, 24h, 7d (default: all)"
+    )
+    p.add_argument(
+        "--snapshots",
+        metavar="DIR",
+        help="where local logs' arrival snapshots are (default: ../snapshots beside the log's "
+        "folder, the daemon's own layout)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write index.html")
+
     add_fleet_parsers(sub)  # keygen, sign, deploy, rollback, status
     add_pull_parsers(sub)  # publish, rollout (pull mode)
     return parser
@@ -408,6 +436,16 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if args.compare_runtimes and not _compare(str(bundle.source), None, args.frame):
         return 1
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from host.report import run as run_report
+
+    snapshots = Path(args.snapshots) if args.snapshots else None
+    _, logs = run_report(args.logs, args.fleet, args.since, Path(args.out), snapshots)
+    return 1 if any(log.error for log in logs) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -606,6 +644,7 @@ COMMANDS = {
     "wheel": cmd_wheel,
     "export": cmd_export,
     "watch": cmd_watch,
+    "report": cmd_report,
     **FLEET_COMMANDS,
     **PULL_COMMANDS,
 }

@@ -12,6 +12,7 @@ test environment (no TensorFlow) runs the same detector tests on the very same f
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -282,9 +283,11 @@ def build_missing() -> None:
             part = target.with_suffix(".part")
             part.write_bytes(build_tflite(case))
             part.replace(target)
-    np.save(CACHE / "anchors.npy", ssd_anchors())
-    (CACHE / "labels.txt").write_text(labels_text())
-    (CACHE / "truth.json").write_text(json.dumps(TRUTH.__dict__))
+    np.save(CACHE / "anchors.part.npy", ssd_anchors())
+    (CACHE / "anchors.part.npy").replace(CACHE / "anchors.npy")
+    for name, text in (("labels.txt", labels_text()), ("truth.json", json.dumps(TRUTH.__dict__))):
+        (CACHE / f"{name}.part").write_text(text)
+        (CACHE / f"{name}.part").replace(CACHE / name)
 
 
 def ensure_models(build: bool) -> Path | None:
@@ -293,18 +296,29 @@ def ensure_models(build: bool) -> Path | None:
     TensorFlow runs in a child process: loaded beside tflite_runtime in one process, the two
     copies of TFLite clash (the runtime then fails to load models with ``vector::reserve``).
     """
-    missing = [c for c in CASES if not (CACHE / f"{c.name}.tflite").exists()]
-    if missing and not build:
+
+    def missing() -> bool:
+        names = [f"{c.name}.tflite" for c in CASES] + ["anchors.npy", "labels.txt", "truth.json"]
+        return not all((CACHE / n).exists() for n in names)
+
+    if not missing():
+        return CACHE
+    if not build:
         return None
-    if missing:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        code = "import modelgen; modelgen.build_missing()"
-        # Bounded like every wait in the tests: a stuck TensorFlow child must not hang the run.
-        subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=Path(__file__).parent,
-            env=env,
-            check=True,
-            timeout=600,
-        )
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel test workers share the cache); the others wait, then find
+    # the models built. The lock is released if the builder dies.
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if missing():
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            code = "import modelgen; modelgen.build_missing()"
+            # Bounded like every wait in the tests: a stuck TensorFlow child must not hang it.
+            subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=Path(__file__).parent,
+                env=env,
+                check=True,
+                timeout=600,
+            )
     return CACHE

@@ -17,6 +17,7 @@ from brokers import Mosquitto
 from childproc import LineReader, stop
 from conftest import SHARED
 from test_alerts import Listener
+from test_homeassistant import device_schema, event_schema
 
 from device.alerts.payloads import SCHEMA_DIR
 from host.render import render_demo, write_frames
@@ -143,55 +144,28 @@ def test_payloads_snapshot_and_home_assistant_discovery(mosquitto: Any, tmp_path
     telemetry = [json.loads(p) for t, p, _ in msgs if t.endswith("/telemetry")]
     assert telemetry and telemetry[-1]["stages_ms"]["invoke"]["n"] > 0
     assert telemetry[-1]["rss_mb"] > 10
-    configs = {t: json.loads(p) for t, p, _ in msgs if t.startswith("homeassistant/")}
-    by_component = {t.split("/")[1] for t in configs}
-    assert by_component == {"binary_sensor", "sensor", "image", "update"}
-    assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
-    parcel = configs["homeassistant/binary_sensor/doorstep_porch_test/parcel/config"]
-    assert parcel["state_topic"] == "doorstep/porch-test/state"
-    assert parcel["availability_topic"] == "doorstep/porch-test/availability"
-    image_cfg = configs["homeassistant/image/doorstep_porch_test/snapshot/config"]
-    assert image_cfg["image_topic"] == "doorstep/porch-test/snapshot"
+    # Home Assistant: one device config, in the documented form (tests/test_homeassistant.py),
+    # and every event one its event entity fires on.
+    configs = {t: json.loads(p) for t, p, _ in msgs if t.startswith("homeassistant/") and p}
+    assert list(configs) == ["homeassistant/device/doorstep_porch_test/config"]
+    (config,) = configs.values()
+    device_schema().validate(config)
+    cmps = config["cmps"]
+    assert config["availability_topic"] == "doorstep/porch-test/availability"
+    assert cmps["parcel"]["state_topic"] == "doorstep/porch-test/state"
+    assert cmps["snapshot"]["image_topic"] == "doorstep/porch-test/snapshot"
+    event_entity = cmps["parcel_event"]
+    assert event_entity["state_topic"] == "doorstep/porch-test/events"
+    for payload in listener.events():
+        event_schema().validate(payload)
+        assert payload["event_type"] in event_entity["event_types"]
+    assert [e["event_type"] for e in listener.events()] == ["arrived", "removed"]
     # the update entity: installed from the state, latest from a pull rollout's desired
-    model = configs["homeassistant/update/doorstep_porch_test/model/config"]
+    model = cmps["model"]
     assert model["state_topic"] == "doorstep/porch-test/state"
     assert model["latest_version_topic"] == "doorstep/porch-test/desired"
     state = next(json.loads(p) for t, p, _ in msgs if t == "doorstep/porch-test/state")
     assert model["value_template"] == "{{ value_json.model.version }}" and state["model"]["version"]
-    listener.close()
-
-
-def test_discovery_is_sent_again_when_home_assistant_comes_online(
-    mosquitto: Any, tmp_path: Path
-) -> None:
-    """Home Assistant announces ``online`` on ``homeassistant/status`` after a restart."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from device.alerts.homeassistant import discovery_configs
-    from device.alerts.mqtt import BrokerSettings, Publisher
-    from device.alerts.outbox import Outbox
-
-    pub = Publisher("door9", BrokerSettings(url=mosquitto.url), Outbox(tmp_path / "o.sqlite"))
-    pub.set_discovery(discovery_configs("door9", pub.base, "m", "0"))
-    pub.start()
-    assert pub.connected.wait(30)
-    topic = "homeassistant/+/doorstep_door9/+/config"
-    first = Listener(mosquitto.url, topic=topic)
-    assert first.wait(lambda li: len(li.messages) == 7)  # live or retained, depending on timing
-    first.close()
-    listener = Listener(mosquitto.url, topic=topic)
-    assert listener.wait(lambda li: len(li.messages) == 7)  # now the broker's retained copies
-    assert all(retained for _, _, retained in listener.messages)
-    ha = mqtt.Client(CallbackAPIVersion.VERSION2)
-    ha.connect("127.0.0.1", mosquitto.port)
-    ha.loop_start()
-    ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(30)
-    assert listener.wait(lambda li: len(li.messages) == 14)  # sent again, live this time
-    assert not any(retained for _, _, retained in listener.messages[7:])
-    ha.loop_stop()
-    ha.disconnect()
-    pub.stop()
     listener.close()
 
 

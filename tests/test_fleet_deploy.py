@@ -149,7 +149,7 @@ class Lab:
         for d in self.fleet:
             for path in sorted(d.state_dir.rglob("*")):
                 rel = path.relative_to(d.state_dir)
-                if rel.parts[0] in ("log", "outbox.sqlite"):
+                if rel.parts[0] in ("log", "outbox.sqlite", "snapshots"):
                     continue
                 if path.is_symlink():
                     seen[f"{d.name}/{rel}"] = ("link", os.readlink(path))

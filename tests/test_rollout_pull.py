@@ -120,6 +120,10 @@ def test_rollout_in_waves_to_real_daemons(
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["serving"] == names and not result["failed"]
     assert proc.stderr.index("canary: d1") < proc.stderr.index("wave 2: d2")
+    # In a pipe, a plain line per device and phase (a terminal gets rich's live rows instead).
+    for n in names:
+        assert proc.stderr.index(f"] {n}: desired sent") < proc.stderr.index(f"] {n}: serving")
+    assert "\x1b[" not in proc.stderr
     assert all(active(tmp_path, n) == d["id"] for n in names)
     assert nginx.served_bytes() == 3 * d["size"]  # each device fetched it once
     by_id = [

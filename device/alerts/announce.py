@@ -7,8 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from device.alerts.mqtt import Publisher
     from device.alerts.outbox import Outbox
     from device.config import MqttConfig
@@ -28,22 +26,28 @@ class Announcer:
         q = self.cfg
         if q is None:
             return
-        from device.alerts.homeassistant import discovery_configs
+        from device.alerts.homeassistant import discovery
         from device.alerts.mqtt import Publisher
 
         self.publisher = Publisher.from_config(q, self.device_id, self.outbox)
-        if q.home_assistant:
-            self.publisher.set_discovery(
-                discovery_configs(
-                    self.device_id, self.publisher.base, model_name, version, q.discovery_prefix
-                )
-            )
+        # Built either way: with discovery turned off, the device config is cleared instead.
+        self.publisher.set_discovery(
+            discovery(
+                self.device_id,
+                self.publisher.base,
+                model_name,
+                version,
+                q.discovery_prefix,
+                support_url=q.support_url,
+            ),
+            enabled=q.home_assistant,
+        )
         self.publisher.publish_state(state)
         self.publisher.start()
 
-    def event(self, event: Event, image: np.ndarray, tracker: PresenceTracker) -> None:
-        """An event already committed to the outbox: wake the sender; retain the snapshot at an
-        arrival, clear it once the last parcel is gone."""
+    def event(self, event: Event, jpeg: bytes | None, tracker: PresenceTracker) -> None:
+        """An event already committed to the outbox: wake the sender; retain the snapshot
+        (``jpeg``, made at an arrival) and clear it once the last parcel is gone."""
         if self.publisher is None or self.cfg is None:
             return
         self.publisher.kick()
@@ -51,12 +55,11 @@ class Announcer:
             return
         if event.kind == "removed" and not any(tracker.present().values()):
             self.publisher.publish_snapshot(None)
-        elif event.kind == "arrived":
-            from device.draw import parcel_snapshot
+        elif event.kind == "arrived" and jpeg is not None:
+            self.publisher.publish_snapshot(jpeg)
 
-            jpeg = parcel_snapshot(image, tracker.boxes(), self.cfg.snapshot_quality)
-            if jpeg is not None:
-                self.publisher.publish_snapshot(jpeg)
+    def wants_snapshot(self) -> bool:
+        return self.cfg is not None and self.cfg.snapshot
 
     def state(self, state: dict[str, Any]) -> None:
         if self.publisher is not None:

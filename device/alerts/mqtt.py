@@ -9,8 +9,9 @@ message expiry of its remaining lifetime.
 Topics under ``doorstep/<device_id>/``: ``availability`` (retained online/offline), ``state``
 (retained JSON), ``events`` (QoS 1, not retained, with a message expiry), ``snapshot``
 (retained JPEG while a parcel is there, cleared on removal), ``telemetry`` (periodic JSON).
-Home Assistant discovery configs go under ``homeassistant/`` and are sent again whenever Home
-Assistant announces ``online`` on ``homeassistant/status``. Payloads: ``device.alerts.payloads``.
+Home Assistant's device discovery config goes to ``homeassistant/device/<node>/config`` on every
+connect and whenever Home Assistant announces ``online`` on ``homeassistant/status``
+(``device.alerts.homeassistant``). Payloads: ``device.alerts.payloads``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device.alerts.homeassistant import MIGRATE, Discovery
 from device.alerts.outbox import Event, Outbox
 from device.alerts.sender import Sender, SenderStats
 from device.errors import ConfigError
@@ -136,8 +138,9 @@ class Publisher:
         self.client = broker.client(f"doorstep-{device_id}")
         self.client.will_set(f"{self.base}/availability", "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
-        # room for the event window plus availability, state, snapshot and discovery
-        self.client.max_inflight_messages_set(max_inflight + 16)
+        # room for the event window plus availability, state, snapshot, update and discovery
+        # (with its migration: two messages per per-entity topic of earlier versions)
+        self.client.max_inflight_messages_set(max_inflight + 32)
         self.connected = threading.Event()
         self.connects = 0  # successful connections so far (a resend may follow each reconnect)
         self.sender = Sender(
@@ -155,7 +158,12 @@ class Publisher:
         self._snapshot: bytes | None = None  # b"" once cleared
         self._update: str | None = None  # the last pull-mode report (retained)
         self._on_desired: Callable[[bytes], Any] | None = None
-        self._discovery: dict[str, dict[str, Any]] = {}
+        self._discovery: Discovery | None = None
+        self._discovery_on = True
+        self._probe = f"{self.base}/discovery-probe"  # see _check_legacy_discovery
+        self._probe_sent = ""  # the nonce of this connection's probe
+        self._legacy_found: set[str] = set()
+        self._legacy_checked = False
 
     @classmethod
     def from_config(cls, cfg: MqttConfig, device_id: str, outbox: Outbox) -> Publisher:
@@ -245,16 +253,54 @@ class Publisher:
         if self.connected.is_set():
             self.client.publish(f"{self.base}/telemetry", json.dumps(telemetry), qos=0)
 
-    def set_discovery(self, configs: dict[str, dict[str, Any]]) -> None:
-        """Home Assistant discovery ``{topic: config}``; sent on every (re)connect and whenever
-        Home Assistant comes online."""
-        self._discovery = configs
-        if self.connected.is_set():
-            self._send_discovery()
+    def set_discovery(self, discovery: Discovery, enabled: bool = True) -> None:
+        """Home Assistant's device discovery: sent (retained) on every connect and whenever
+        Home Assistant comes online; ``enabled=False`` clears it instead, with its entities.
+        Call it before :meth:`start`."""
+        self._discovery, self._discovery_on = discovery, enabled
 
-    def _send_discovery(self) -> None:
-        for topic, config in self._discovery.items():
-            self.client.publish(topic, json.dumps(config), qos=1, retain=True)
+    def _check_legacy_discovery(self, client: mqtt.Client) -> None:
+        """On connect: which per-entity configs of earlier versions does the broker retain?
+
+        Subscribe to them and to a probe topic of our own, then publish the probe: the broker
+        sends one client's messages in order, so the retained copies come before the probe, and
+        the device config goes out when the probe is back (``_on_legacy_checked``). A config
+        found later still migrates, one by one."""
+        d = self._discovery
+        if d is None:
+            return
+        if not self._discovery_on:  # discovery turned off: remove the device and its entities
+            for topic in (d.topic, *d.legacy):
+                client.publish(topic, b"", qos=1, retain=True)
+            return
+        self._legacy_found, self._legacy_checked = set(), False
+        self._probe_sent = f"{self.connects}-{os.getpid()}"
+        client.subscribe([(topic, 1) for topic in (*d.legacy, self._probe)])
+        client.publish(self._probe, self._probe_sent, qos=1)
+
+    def _on_legacy_checked(self) -> None:
+        self._legacy_checked = True
+        self._send_discovery(sorted(self._legacy_found))
+
+    def _send_discovery(self, migrate: Sequence[str] = ()) -> None:
+        """The device config, retained. ``migrate``: per-entity topics of earlier versions that
+        hold a config; Home Assistant's documented migration hands each over first (``{"migrate_
+        discovery": true}``: it unloads the entity but keeps its id, settings and history), then
+        takes the device config (which adopts them by their unique ids), then the old topics
+        are cleared."""
+        d = self._discovery
+        if d is None or not self._discovery_on:
+            return
+        publish = self.client.publish
+        for topic in migrate:
+            publish(topic, json.dumps(MIGRATE), qos=1)
+        publish(d.topic, json.dumps(d.config), qos=1, retain=True)
+        for topic in migrate:
+            publish(topic, b"", qos=1, retain=True)
+        if migrate:
+            log.info(
+                "Home Assistant: %d per-entity configs moved to device discovery", len(migrate)
+            )
 
     def drain(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every stored event; True if the outbox emptied."""
@@ -275,9 +321,9 @@ class Publisher:
             client.publish(f"{self.base}/snapshot", self._snapshot, qos=1, retain=True)
         if self._update is not None:
             client.publish(f"{self.base}/update", self._update, qos=1, retain=True)
-        if self.broker.discovery_prefix:
+        if self.broker.discovery_prefix and self._discovery_on:
             client.subscribe(f"{self.broker.discovery_prefix}/status", qos=1)
-            self._send_discovery()
+        self._check_legacy_discovery(client)
         if self._on_desired is not None:
             client.subscribe(f"{self.base}/desired", qos=1)
         self.connects += 1
@@ -292,5 +338,27 @@ class Publisher:
         if msg.topic == f"{self.base}/desired" and self._on_desired is not None:
             self._on_desired(bytes(msg.payload))
             return
+        d = self._discovery
+        if d is not None and self._discovery_on:
+            if msg.topic == self._probe:
+                if msg.payload.decode(errors="replace") == self._probe_sent:
+                    self._on_legacy_checked()
+                return
+            if msg.topic in d.legacy:
+                # A retained config of an earlier version (our own hand-over and clearing come
+                # back live, not retained, or empty).
+                if msg.retain and msg.payload and not _is_migrate(msg.payload):
+                    if self._legacy_checked:
+                        self._send_discovery([msg.topic])
+                    else:
+                        self._legacy_found.add(msg.topic)
+                return
         if msg.topic.endswith("/status") and msg.payload == b"online":
             self._send_discovery()  # Home Assistant restarted and forgot non-retained configs
+
+
+def _is_migrate(payload: bytes | bytearray) -> bool:
+    try:
+        return bool(json.loads(payload) == MIGRATE)
+    except ValueError:
+        return False

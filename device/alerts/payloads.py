@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
+EventType = Literal["arrived", "reminder", "removed", "possible_theft"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)  # Home Assistant's event entity: event_types
 Box = Annotated[
     list[float],
     Field(min_length=4, max_length=4, description="[x1, y1, x2, y2] in main-stream pixels"),
@@ -44,6 +46,10 @@ class EventPayload(_Payload):
     model_config = ConfigDict(title="doorstep event", extra="forbid", frozen=True)
 
     event: Literal["arrived", "reminder", "removed"]
+    event_type: EventType = Field(
+        description="what Home Assistant's event entity fires: the event, or possible_theft "
+        "for a removal while a person was in view"
+    )
     id: str = Field(description="unique id (hex uuid4); the same on every redelivery")
     seq: int = Field(ge=1, description="this daemon run's event counter")
     device_id: str
@@ -60,6 +66,16 @@ class EventPayload(_Payload):
         description="id of this parcel's `arrived` event (the same on its reminders and its "
         "removal, also across a daemon restart)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _event_type(cls, data: Any) -> Any:
+        """Derived from ``event`` and ``possible_theft`` when absent (payloads built by the
+        daemon, and those stored by a doorstep from before the field)."""
+        if isinstance(data, dict) and "event_type" not in data and "event" in data:
+            theft = data.get("event") == "removed" and data.get("possible_theft") is True
+            data = {**data, "event_type": "possible_theft" if theft else data["event"]}
+        return data
 
 
 class ModelInfo(_Payload):
@@ -169,6 +185,9 @@ class TelemetryPayload(_Payload):
     throttled: dict[str, bool] | None = Field(description="vcgencmd get_throttled flags, Pi only")
     power: PowerStats | None
     outbox: int = Field(ge=0, description="events waiting for the broker's acknowledgement")
+    broker: Literal["connected", "disconnected"] | None = Field(
+        None, description="the MQTT connection when the report was made (null: no broker)"
+    )
     source: SourceStatus = SourceStatus()
     storage: StorageStatus = StorageStatus()
     events_dropped: DroppedEvents = DroppedEvents()

@@ -1,21 +1,26 @@
 """What a person sees while the fleet is worked on: a live line per device, then a table.
 
-:class:`LiveView` redraws one line per device in place on a terminal (phase, upload percentage
-and rate, what the health check waits for); :class:`PlainView` prints a line per change for
-logs, CI and pipes. Both implement :class:`Progress`, which the deploy code calls; neither needs
-anything beyond the standard library.
+:class:`LiveView` redraws one row per device in place on a terminal with rich (phase, an
+upload bar with percentage and rate, what the health check waits for); :class:`PlainView`
+prints a line per change for logs, CI and pipes. Both implement :class:`Progress`, which the
+deploy code calls.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+from rich.text import Text
 
 from host.safe_text import printable
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 
 class Progress(Protocol):
@@ -37,7 +42,17 @@ class Progress(Protocol):
         """Done: leave the final state on screen."""
 
 
-FINAL = {"deployed", "skipped", "rolled back", "failed", "refused", "unreachable", "not started"}
+FINAL = {
+    "deployed",
+    "serving",
+    "skipped",
+    "rolled back",
+    "failed",
+    "refused",
+    "unreachable",
+    "not started",
+    "pending",
+}
 
 
 @dataclass
@@ -50,14 +65,12 @@ class _Row:
     first: int = -1
     t_first: float = 0.0
 
-    def text(self, name: str, width: int, now: float) -> str:
-        extra = self.detail
-        if self.phase == "uploading" and self.total:
-            extra = f"{self.done / self.total:4.0%} of {_mib(self.total)}"
-            if self.first >= 0 and now > self.t_first and self.done > self.first:
-                extra += f"  {_mib((self.done - self.first) / (now - self.t_first))}/s"
-        line = f"{name:<{width}}  {self.phase:<13} {extra}"
-        return line
+    def upload(self, now: float) -> str:
+        """``42% of 3.0 MiB  1.1 MiB/s`` while uploading."""
+        extra = f"{self.done / self.total:4.0%} of {_mib(self.total)}"
+        if self.first >= 0 and now > self.t_first and self.done > self.first:
+            extra += f"  {_mib((self.done - self.first) / (now - self.t_first))}/s"
+        return extra
 
 
 class PlainView:
@@ -96,69 +109,97 @@ class PlainView:
 
 
 class LiveView:
-    """One line per device, redrawn in place (at most ten times a second) on a terminal."""
+    """One row per device, redrawn in place by rich's live display (ten times a second) on a
+    terminal: phase, an upload bar with percentage and rate, what the health check waits for,
+    and a count per phase. A fleet taller than the terminal shows its busy devices."""
 
-    def __init__(self, out: TextIO | None = None, interval: float = 0.1) -> None:
-        self.out = out or sys.stderr
-        self.interval = interval
+    def __init__(self, out: TextIO | None = None, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = console or Console(file=out or sys.stderr, highlight=False)
         self.rows: dict[str, _Row] = {}
-        self._drawn = 0
-        self._last = 0.0
+        self._lock = threading.Lock()
+        self._live = Live(
+            console=self.console,
+            refresh_per_second=10,
+            get_renderable=self._render,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     def start(self, names: Sequence[str]) -> None:
-        for name in names:
-            self.rows.setdefault(name, _Row())
-        self._draw(force=True)
+        with self._lock:
+            for name in names:
+                self.rows.setdefault(name, _Row())
+        self._live.start()
 
     def phase(self, name: str, phase: str, detail: str = "") -> None:
-        row = self.rows.setdefault(name, _Row())
-        if phase != row.phase:
-            row.started = time.monotonic()
-        row.phase, row.detail = phase, detail
-        self._draw(force=True)
+        with self._lock:
+            row = self.rows.setdefault(name, _Row())
+            if phase != row.phase:
+                row.started = time.monotonic()
+            row.phase, row.detail = phase, detail
 
     def transfer(self, name: str, done: int, total: int) -> None:
-        row = self.rows.setdefault(name, _Row())
-        if row.first < 0:
-            row.first, row.t_first = done, time.monotonic()
-        row.done, row.total = done, total
-        self._draw(force=done >= total)
+        with self._lock:
+            row = self.rows.setdefault(name, _Row())
+            if row.first < 0:
+                row.first, row.t_first = done, time.monotonic()
+            row.done, row.total = done, total
 
     def note(self, text: str) -> None:
-        self._clear()
-        print(printable(text, newlines=False), file=self.out)
-        self._draw(force=True)
+        self.console.print(Text(printable(text, newlines=False)))  # above the live rows
 
     def close(self) -> None:
-        self._draw(force=True)
+        self._live.refresh()
+        self._live.stop()
 
-    def _clear(self) -> None:
-        if self._drawn:
-            self.out.write(f"\x1b[{self._drawn}F\x1b[J")  # up N lines, erase to the end
-            self._drawn = 0
+    def _render(self) -> RenderableType:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
 
-    def _draw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
-        cols, lines = shutil.get_terminal_size((100, 40))
-        width = max((len(n) for n in self.rows), default=0)
-        shown = list(self.rows.items())
-        if len(shown) > max(lines - 3, 5):  # a big fleet: the busy devices and a count
+        with self._lock:
+            shown = [(n, replace(r)) for n, r in self.rows.items()]
+            counts: dict[str, int] = {}
+            for row in self.rows.values():
+                counts[row.phase] = counts.get(row.phase, 0) + 1
+        if len(shown) > max(self.console.size.height - 4, 5):  # a big fleet: the busy devices
             busy = [(n, r) for n, r in shown if r.phase not in FINAL and r.phase != "waiting"]
-            shown = busy[: max(lines - 4, 4)]
-        self._clear()
-        text = [
-            printable(row.text(name, width, now), newlines=False)[: cols - 1] for name, row in shown
-        ]
-        counts: dict[str, int] = {}
-        for row in self.rows.values():
-            counts[row.phase] = counts.get(row.phase, 0) + 1
-        text.append(printable("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))))
-        self.out.write("".join(line + "\n" for line in text))
-        self.out.flush()
-        self._drawn = len(text)
+            shown = busy[: max(self.console.size.height - 5, 4)]
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True, overflow="ellipsis")
+        for name, row in shown:
+            label = Text(printable(name, newlines=False), style="bold")
+            phase = Text(row.phase, style=_STYLE.get(row.phase, ""))
+            if row.phase == "uploading" and row.total:
+                bar = Table.grid(padding=(0, 1))
+                bar.add_row(
+                    ProgressBar(total=row.total, completed=row.done, width=24),
+                    Text(row.upload(now)),
+                )
+                grid.add_row(label, phase, bar)
+            else:
+                grid.add_row(label, phase, Text(printable(row.detail, newlines=False)))
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        grid.add_row(Text(summary, style="dim"), Text(""), Text(""))
+        return grid
+
+
+_STYLE = {
+    "deployed": "green",
+    "serving": "green",
+    "pending": "yellow",
+    "skipped": "dim",
+    "rolled back": "yellow",
+    "failed": "red",
+    "refused": "red",
+    "unreachable": "red",
+    "not started": "dim",
+}
 
 
 class QuietView:

@@ -126,6 +126,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from device.errors import DoorstepError
     from host.fleet.inventory import load_fleet
     from host.fleet.plan import plan_rollout
+    from host.fleet.progress import make_view
     from host.pull.rollout import (
         FleetView,
         abort_rollout,
@@ -187,17 +188,23 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         assert descriptor is not None
         print(f"rollout {rollout_id}: {descriptor['name']} {descriptor['version']} to "
               f"{len(devices)} device(s); journal {journal}", file=sys.stderr)  # fmt: skip
-        result = run_rollout(
-            view,
-            devices,
-            descriptor,
-            rollout_id,
-            policy,
-            rate_per_min=args.rate,
-            allow_downgrade=args.allow_downgrade,
-            wave_timeout=args.wave_timeout,
-            journal=journal,
-        )
+        progress = make_view(args.json)  # rich's live rows on a terminal, else plain lines
+        try:
+            result = run_rollout(
+                view,
+                devices,
+                descriptor,
+                rollout_id,
+                policy,
+                rate_per_min=args.rate,
+                allow_downgrade=args.allow_downgrade,
+                wave_timeout=args.wave_timeout,
+                journal=journal,
+                say=progress.note,
+                progress=progress,
+            )
+        finally:
+            progress.close()
         print(
             json.dumps(
                 {

@@ -39,6 +39,7 @@ from device.errors import DoorstepError
 from device.update.messages import Desired, UpdateReport
 from host.fleet.inventory import Device, RolloutPolicy
 from host.fleet.plan import plan_rollout, stop_reason
+from host.fleet.progress import Progress, QuietView
 
 TERMINAL = ("serving", "rolled_back", "failed")
 EXIT_DONE, EXIT_STOPPED, EXIT_PENDING = 0, 1, 3
@@ -277,8 +278,12 @@ def run_rollout(
     wave_timeout: float | None = None,
     journal: Path,
     say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    progress: Progress | None = None,
 ) -> Result:
+    """Open the waves one after the other; ``progress`` (``host.fleet.progress``) is told each
+    device's phase as its reports come in (downloading with bytes, verifying, ... serving)."""
     bundle = descriptor["id"]
+    show = progress or QuietView()
     book = read_journal(journal)
     book.setdefault("rollout_id", rollout_id)
     book.setdefault("bundle", descriptor)
@@ -286,6 +291,9 @@ def run_rollout(
     result = Result()
     todo = [d for d in devices if _answered(view, d, rollout_id, bundle) != "serving"]
     result.serving = [d.name for d in devices if d not in todo]
+    show.start([d.name for d in devices])
+    for name in result.serving:
+        show.phase(name, "serving", descriptor["version"])
     if result.serving:
         say(f"already serving {descriptor['version']}: {', '.join(result.serving)}")
     waves = plan_rollout(todo, policy)
@@ -318,6 +326,7 @@ def run_rollout(
             if rate_per_min:  # --rate: desired messages per minute, across waves
                 time.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic() + 60.0 / rate_per_min
+            show.phase(d.name, "desired sent")
             view.want(
                 d.device_id,
                 Desired(
@@ -341,7 +350,14 @@ def run_rollout(
         def wave_answered(waiting: dict[str, Device] = waiting) -> bool:
             for device_id in view.take_changed():
                 d = waiting.get(device_id)
-                if d is not None and _answered(view, d, rollout_id, bundle):
+                if d is None:
+                    continue
+                report = view.reports.get(device_id)
+                if report is not None and report.rollout_id == rollout_id:
+                    show.phase(d.name, report.state.replace("_", " "), report.reason or "")
+                    if report.state == "downloading" and report.size:
+                        show.transfer(d.name, report.bytes, report.size)
+                if _answered(view, d, rollout_id, bundle):
                     del waiting[device_id]
             return not waiting
 
@@ -350,21 +366,29 @@ def run_rollout(
             state = _answered(view, d, rollout_id, bundle)
             if state == "serving":
                 result.serving.append(d.name)
-                say(f"  {d.name}: serving {descriptor['version']}")
+                show.phase(d.name, "serving", descriptor["version"])
+                if progress is None:
+                    say(f"  {d.name}: serving {descriptor['version']}")
             elif state in ("failed", "rolled_back"):
                 report = view.reports[d.device_id]
                 result.failed[d.name] = f"{state}: {report.reason}"
                 failed_total += 1
-                say(f"  {d.name}: {state}: {report.reason}")
+                show.phase(d.name, state.replace("_", " "), report.reason or "")
+                if progress is None:
+                    say(f"  {d.name}: {state}: {report.reason}")
             else:
                 result.pending.append(d.name)
-                say(f"  {d.name}: no answer within {timeout:g} s (offline?): pending")
+                show.phase(d.name, "pending", f"no answer within {timeout:g} s (offline?)")
+                if progress is None:
+                    say(f"  {d.name}: no answer within {timeout:g} s (offline?): pending")
         reason = stop_reason(
             failed_total, number == 1 and policy.canary > 0 and failed_total > 0, policy
         )
         if reason is not None:
             result.stopped = reason
             result.not_started = [n for w in waves[number:] for n in w]
+            for name in result.not_started:
+                show.phase(name, "not started")
             say(reason)
             break
     book["result"] = {
