@@ -48,7 +48,7 @@ from device.install import RecordWriteError, Store, write_daemon_record
 from device.logsink import LogSink, default_log_file
 from device.motion import MotionGate
 from device.persist import TrackerStore
-from device.pipeline import Pipeline, model_sha, roles_of
+from device.pipeline import Pipeline, model_sha, model_size_of, roles_of
 from device.presence import Event, PresenceTracker, describe_time
 from device.record import DaemonRecord
 from device.sdnotify import Notifier
@@ -119,6 +119,8 @@ class Daemon:
         if short is not None:
             self.conditions.storage.enter(short)
         self.source = open_source(cfg.source)
+        self.source.model_size = model_size_of(det)
+        self.source.motion_thumbnail = gate.thumbnail if gate is not None else None
         # Cameras run on Unix time, so the tracker's state means the same after a restart;
         # a file replayed as fast as it decodes runs on its own clock and starts afresh.
         topic = f"{q.prefix}/{cfg.device_id}/events" if q is not None else None
@@ -491,6 +493,7 @@ class Daemon:
             self.notify.ready("reload failed; old model kept")
             return
         self.pipeline.set_detector(new)
+        self.source.model_size = model_size_of(new)
         self.test, self.model_dir = test, new_dir
         self.last_reload = {"ok": True, "error": None, "time": round(time.time(), 3)}
         self._record()

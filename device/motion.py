@@ -34,9 +34,14 @@ class MotionGate:
 
     def should_run(self, image: np.ndarray, t: float) -> bool:
         """Whether to run the detector on this frame (BGR), at frame time ``t``."""
-        # The daemon passes the model-size canvas, small enough to area-average directly. A full
-        # camera frame is first sampled (nearest neighbour) to twice the target size, so only a
-        # fraction of its memory is read; the averaging and the blur steady the sensor noise.
+        return self.decide(self.thumbnail(image), t)
+
+    def thumbnail(self, image: np.ndarray) -> np.ndarray:
+        """The small grey picture of ``image`` (BGR) that frames are compared by. Depends on
+        the image only, so a capture thread can make it (``FrameSource.motion_thumbnail``)."""
+        # The model-size frame is small enough to area-average directly. A full camera frame
+        # is first sampled (nearest neighbour) to twice the target size, so only a fraction of
+        # its memory is read; the averaging and the blur steady the sensor noise.
         h, w = image.shape[:2]
         if w > self.width * 8 or h > self.height * 8:
             image = cv2.resize(
@@ -50,7 +55,11 @@ class MotionGate:
         ow, oh = w // fx, h // fy
         grey = cv2.cvtColor(image[: oh * fy, : ow * fx], cv2.COLOR_BGR2GRAY)
         small = cv2.resize(grey, (ow, oh), interpolation=cv2.INTER_AREA)
-        small = cv2.GaussianBlur(small, (3, 3), 0)
+        blurred: np.ndarray = cv2.GaussianBlur(small, (3, 3), 0)
+        return blurred
+
+    def decide(self, small: np.ndarray, t: float) -> bool:
+        """Whether to run the detector on the frame whose :meth:`thumbnail` is ``small``."""
         self.frames += 1
         moved = self._last is None or self._last.shape != small.shape or (
             np.count_nonzero(cv2.absdiff(small, self._last) > self.pixel_threshold)

@@ -7,10 +7,13 @@ publishes what comes out. Tests drive it with plain frames.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from device.camera.base import Frame
-from device.detect.detector import Detection, Detector
+from device.detect.detector import Detection, Detector, Prepared
 from device.detect.preprocess import Yuv420Frame
 from device.motion import MotionGate
 from device.presence import Event, PresenceTracker
@@ -52,6 +55,22 @@ def model_sha(det: Detector) -> str:
     return m.files[m.model_file].sha256 if m.model_file in m.files else ""
 
 
+def model_size_of(det: Detector) -> Callable[[int, int], tuple[int, int] | None]:
+    """The size ``det`` reads a WxH frame at: its input (stretched), or the frame scaled to fit
+    it (letterboxed, the padding added in preprocessing); what a capture thread prescales to."""
+    transform = det.transform
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def size(w: int, h: int) -> tuple[int, int]:
+        got = sizes.get((w, h))
+        if got is None:
+            geo = transform.geometry(w, h)
+            got = sizes[(w, h)] = (round(w * geo.scale_x), round(h * geo.scale_y))
+        return got
+
+    return size
+
+
 class Pipeline:
     """Motion gate (optional), detector and presence tracker, composed."""
 
@@ -69,20 +88,26 @@ class Pipeline:
     def step(self, frame: Frame, t: float) -> StepResult:
         """Run one frame taken at time ``t`` (the tracker's clock).
 
-        The lores stream, when the camera gives one, is what the model reads; the motion gate
-        compares the model-size canvas that preprocessing made anyway."""
-        det = self.detector
+        The lores stream, when the source gives one, is what the model reads. The motion gate
+        compares thumbnails of the frame at the model's size: made by the capture thread when
+        the source makes them (``Frame.motion``; a skipped frame then costs no preprocessing),
+        else from the canvas preprocessing made anyway."""
+        det, gate = self.detector, self.gate
         src = frame.lores if frame.lores is not None else frame.image
-        prepared = det.prepare(src)
         stages: dict[str, float] = {}
-        if self.gate is not None:
+        prepared = None
+        if gate is not None:
+            if frame.motion is None:
+                prepared = det.prepare(src)
             t0 = time.perf_counter()
-            run = self.gate.should_run(prepared.canvas, t)
+            thumb = frame.motion if frame.motion is not None else gate.thumbnail(_content(prepared))
+            run = gate.decide(thumb, t)
             stages["motion"] = (time.perf_counter() - t0) * 1e3
             if not run:
-                stages["preprocess"] = prepared.ms
+                if prepared is not None:
+                    stages["preprocess"] = prepared.ms
                 return StepResult(False, stages_ms=stages)
-        dets = det.run(prepared)
+        dets = det.run(prepared if prepared is not None else det.prepare(src))
         h, w = frame.image.shape[:2]
         lores = frame.lores
         if lores is not None:
@@ -98,3 +123,17 @@ class Pipeline:
         events = self.tracker.update(t, dets, w, h)
         stages["presence"] = (time.perf_counter() - t0) * 1e3
         return StepResult(True, dets, events, stages)
+
+
+def _content(prepared: Prepared | None) -> np.ndarray:
+    """The part of the model's canvas the frame fills (letterbox padding left out), the same
+    picture a capture thread's model-size frame is."""
+    assert prepared is not None
+    g, canvas = prepared.geometry, prepared.canvas
+    nw, nh = round(g.src_w * g.scale_x), round(g.src_h * g.scale_y)
+    x, y = int(g.pad_x), int(g.pad_y)
+    return (
+        canvas
+        if (x, y) == (0, 0) and canvas.shape[1::-1] == (nw, nh)
+        else canvas[y : y + nh, x : x + nw]
+    )

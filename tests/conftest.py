@@ -25,11 +25,35 @@ HAS_TF = importlib.util.find_spec("tensorflow") is not None
 # The fleet modules drive devices from the host (asyncssh): host tests, like those marked
 # `host`. The device-only environment has no asyncssh, so it does not collect them at all
 # (rather than reporting them as skipped); the main environment always has it.
+# The same goes for the host's terminal views (rich) and the fleet report.
 collect_ignore = (
     []
     if importlib.util.find_spec("asyncssh") is not None
-    else ["test_fleet_deploy.py", "test_fleet_ssh.py"]
+    else ["test_fleet_deploy.py", "test_fleet_ssh.py", "test_progress.py", "test_report.py"]
 )
+
+# The longest files first: with parallel workers (scripts/run test), one file per worker, the
+# run then ends with short files on every worker rather than one long file on one.
+SLOW_FIRST = (
+    "test_quantize.py",
+    "test_provision.py",
+    "test_cli.py",
+    "test_ssd_import.py",
+    "test_rollout_pull.py",
+    "test_export.py",
+    "test_bad_model.py",
+    "test_train.py",
+    "test_fleet_deploy.py",
+    "test_daemon.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
 
 
 def _shared(rel: str) -> Path:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+import cv2
 import numpy as np
 
 from device.detect.preprocess import Yuv420Frame
@@ -34,6 +35,10 @@ class Frame:
     t: float
     index: int
     lores: Yuv420Frame | np.ndarray | None = None
+    motion: np.ndarray | None = None  # the motion gate's thumbnail, made on the capture thread
+
+
+ModelSize = Callable[[int, int], tuple[int, int] | None]
 
 
 class FrameSource(ABC):
@@ -43,6 +48,28 @@ class FrameSource(ABC):
     dropped: int = 0
     ended: bool = False
     _capturer: CaptureThread | None = None
+    # The size the model reads a WxH frame at (set by the daemon from the model's input). A live
+    # source's capture thread then delivers the frame at that size too (``Frame.lores``), as
+    # picamera2's ISP delivers a lores stream: the resize runs beside the inference of the
+    # frame before, not in front of it.
+    model_size: ModelSize | None = None
+    # The motion gate's thumbnail of a model-size frame (``MotionGate.thumbnail``), made there
+    # too: a frame the gate skips then costs the main loop no image work at all.
+    motion_thumbnail: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def _frame(self, image: np.ndarray, t: float, index: int) -> Frame:
+        """A captured frame, with its model-size copy and motion thumbnail where the daemon
+        asked for them (``model_size``, ``motion_thumbnail``)."""
+        size_of, thumb_of = self.model_size, self.motion_thumbnail
+        if size_of is None:
+            return Frame(image, t, index)
+        h, w = image.shape[:2]
+        size = size_of(w, h)
+        if size is None:
+            return Frame(image, t, index)
+        lores = image if size == (w, h) else cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        motion = thumb_of(lores) if thumb_of is not None else None
+        return Frame(image, t, index, None if lores is image else lores, motion)
 
     def describe(self) -> str:
         """How the source is named in log lines and errors."""

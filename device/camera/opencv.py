@@ -68,7 +68,7 @@ class OpenCVSource(FrameSource):
             if ok:
                 backoff = 0.5
                 t = time.monotonic() - start
-                slot.put(Frame(image, t, self._index))
+                slot.put(self._frame(image, t, self._index))
                 self._index += 1
                 if not is_live(self.uri):  # a file run live (tests, demos): pace it by its rate
                     time.sleep(max(0.0, self._index / self._rate - (time.monotonic() - start)))

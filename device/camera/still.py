@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -55,6 +56,7 @@ class StillSource(FrameSource):
     def _capture(self, stop: threading.Event, slot: LatestSlot) -> None:
         start, index = time.monotonic(), 0
         checked = start
+        cached: tuple[np.ndarray, object, Frame] | None = None
         while not stop.is_set():
             now = time.monotonic()
             if now - checked >= RECHECK_S:
@@ -62,7 +64,10 @@ class StillSource(FrameSource):
                 image = self._load()
                 if image is not None:
                     self._image = image
-            slot.put(Frame(self._image, now - start, index))
+            image = self._image
+            if cached is None or cached[0] is not image or cached[1] is not self.model_size:
+                cached = (image, self.model_size, self._frame(image, 0.0, 0))  # one resize
+            slot.put(replace(cached[2], t=now - start, index=index))
             index += 1
             stop.wait(max(0.0, index / self.fps - (time.monotonic() - start)))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device.detect.detector import Detector
+from device.detect.runtime import release_model_pages
 from device.errors import DoorstepError
 from device.install import Store, load_checked, trusted_keys
 
@@ -71,6 +72,7 @@ def open_detector(
             test = self_test(det)
             if not test["ok"]:
                 raise DoorstepError(f"self-test inference failed: {test['error']}")
+            release_model_pages(det.bundle.model_path)  # the weights are packed by now
             if i:
                 print(
                     f"doorstep: fell back to {path or 'the shipped model'}: " + "; ".join(problems),
