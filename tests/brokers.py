@@ -252,6 +252,7 @@ class Mosquitto:
         require_certificate: bool = False,
         hash_in_python: bool = False,
         persistence: bool = False,
+        acl: str | None = None,
     ) -> None:
         exe = find_tool("mosquitto")
         if exe is None:
@@ -266,6 +267,7 @@ class Mosquitto:
         self.users = dict(users or {})
         self.tls, self.require_certificate = tls, require_certificate
         self.persistence = persistence
+        self.acl = acl  # the text of an acl_file (Mosquitto's format), or None: no ACL
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.out = workdir / "mosquitto.out"
@@ -300,6 +302,9 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {self.password_file}"]
         else:
             lines.append("allow_anonymous true")  # 2.x refuses anonymous clients by default
+        if self.acl is not None:
+            (self.workdir / "acl").write_text(self.acl)
+            lines.append(f"acl_file {self.workdir / 'acl'}")
         if self.tls is not None:
             lines += [
                 f"cafile {self.tls.cafile}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,22 @@ def test_turning_discovery_off_removes_the_device(mosquitto: Mosquitto, tmp_path
     finally:
         off.stop()
         listener.close()
+
+
+def test_a_broker_that_refuses_the_probe_still_gets_the_device_config(
+    make_mosquitto: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """An ACL that lets the device write its topics but not read them back: the probe's
+    subscription is refused, and the device config goes out without the search for old ones."""
+    acl = "topic write doorstep/#\ntopic readwrite homeassistant/#\n"
+    broker = make_mosquitto("mosquitto-acl", acl=acl)
+    pub = publisher(broker.url, tmp_path)
+    pub.start()
+    try:
+        assert pub.connected.wait(30)
+        listener = Listener(broker.url, topic=TOPIC)
+        assert listener.wait(lambda li: len(li.messages) >= 1)
+        device_schema().validate(json.loads(listener.messages[0][1]))
+        listener.close()
+    finally:
+        pub.stop()

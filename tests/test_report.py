@@ -6,6 +6,7 @@ Also over SFTP from loopback doorbells (``--fleet``), with one device that canno
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -155,7 +156,10 @@ def test_report_of_real_runs_in_a_real_browser(tmp_path: Path, traffic_video: Pa
     assert "missing.jsonl" in proc.stderr and "cannot read" in proc.stderr
     assert "[4/4]" in proc.stdout and "rendering porch" in proc.stdout  # progress
     page = chromium(out / "index.html", tmp_path / "report.png")
-    shutil.copy(tmp_path / "report.png", Path("/tmp") / "doorstep-report.png")
+    keep = os.environ.get("DOORSTEP_SCREENSHOT_DIR")  # to look at it: set, then run with -s
+    if keep:
+        shutil.copy(tmp_path / "report.png", Path(keep) / "doorstep-report.png")
+        print(f"screenshot: {Path(keep) / 'doorstep-report.png'}")
 
     assert page.body.get("data-ready") == "1"  # the page's load handler ran
     assert page.scripts == 1  # the page's own; the hostile name did not become an element

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from device.config import MqttConfig
 
 log = logging.getLogger("doorstep.mqtt")
+PROBE_WAIT_S = 5.0  # how long the discovery probe may take before the config goes out anyway
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Publisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self.sender.on_publish
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._state: dict[str, Any] | None = None
         self._snapshot: bytes | None = None  # b"" once cleared
         self._update: str | None = None  # the last pull-mode report (retained)
@@ -162,6 +164,8 @@ class Publisher:
         self._discovery_on = True
         self._probe = f"{self.base}/discovery-probe"  # see _check_legacy_discovery
         self._probe_sent = ""  # the nonce of this connection's probe
+        self._probe_mid: int | None = None
+        self._probe_lock = threading.Lock()
         self._legacy_found: set[str] = set()
         self._legacy_checked = False
 
@@ -275,11 +279,37 @@ class Publisher:
             return
         self._legacy_found, self._legacy_checked = set(), False
         self._probe_sent = f"{self.connects}-{os.getpid()}"
-        client.subscribe([(topic, 1) for topic in (*d.legacy, self._probe)])
+        _, self._probe_mid = client.subscribe([(topic, 1) for topic in (*d.legacy, self._probe)])
         client.publish(self._probe, self._probe_sent, qos=1)
+        # A broker whose ACL grants the subscription but never delivers (Mosquitto does so):
+        # the device config goes out after PROBE_WAIT_S all the same.
+        timer = threading.Timer(PROBE_WAIT_S, self._probe_lost, args=(self._probe_sent,))
+        timer.daemon = True
+        timer.start()
+
+    def _probe_lost(self, nonce: str) -> None:
+        if nonce == self._probe_sent and not self._legacy_checked and self.connected.is_set():
+            log.warning("%s did not come back within %g s: Home Assistant configs of earlier "
+                        "versions are not looked for", self._probe, PROBE_WAIT_S)  # fmt: skip
+            self._on_legacy_checked()
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any = None
+    ) -> None:
+        """A broker that refuses the probe's subscription (an ACL) never sends it back: the
+        device config then goes out at once, without looking for older configs."""
+        if mid == self._probe_mid and not self._legacy_checked:
+            codes = list(reasons or [])
+            if codes and getattr(codes[-1], "is_failure", False):
+                log.warning("the broker refused %s: Home Assistant configs of earlier versions "
+                            "are not looked for", self._probe)  # fmt: skip
+                self._on_legacy_checked()
 
     def _on_legacy_checked(self) -> None:
-        self._legacy_checked = True
+        with self._probe_lock:  # the probe, a refused subscription or the timer: once
+            if self._legacy_checked:
+                return
+            self._legacy_checked = True
         self._send_discovery(sorted(self._legacy_found))
 
     def _send_discovery(self, migrate: Sequence[str] = ()) -> None:

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TextIO
 
-from rich.text import Text
-
 from host.safe_text import printable
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rich is imported by the live view only (plain lines and tables need none)
     from rich.console import Console, RenderableType
 
 
@@ -149,6 +147,8 @@ class LiveView:
             row.done, row.total = done, total
 
     def note(self, text: str) -> None:
+        from rich.text import Text
+
         self.console.print(Text(printable(text, newlines=False)))  # above the live rows
 
     def close(self) -> None:
@@ -158,6 +158,7 @@ class LiveView:
     def _render(self) -> RenderableType:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
         now = time.monotonic()
         with self._lock:
