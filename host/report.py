@@ -191,7 +191,8 @@ async def _fetch_one(
             log_path = record.log_file or DEFAULT_LOG
         except (ValueError, DoorstepError):
             pass  # an old or damaged record: the default path
-    data = b""
+    # At most LOG_MAX each (telemetry.log_max_mb is 10 by default): a bigger file is refused
+    # by name, that device's row says so.
     rotated = await conn.read_file(log_path + ".1", limit=LOG_MAX, regular_only=True)
     current = await conn.read_file(log_path, limit=LOG_MAX, regular_only=True)
     if current is None and rotated is None:
