@@ -156,8 +156,6 @@ async def fetch_fleet(
     """Each device's log over SFTP: the path its daemon record names (else the systemd
     default), its rotated ``.1``, and the snapshots of its arrivals. A device that cannot be
     read gives a ``DeviceLog`` whose ``error`` says why; the others are read all the same."""
-    from device.record import parse_record
-    from host.fleet.plan import Layout
     from host.fleet.ssh import connect
 
     gate = asyncio.Semaphore(limit)
@@ -168,7 +166,7 @@ async def fetch_fleet(
         async with gate:
             try:
                 async with connect(device, connect_timeout=device.connect_timeout) as conn:
-                    log = await _fetch_one(conn, device, cutoff, Layout, parse_record)
+                    log = await _fetch_one(conn, device, cutoff)
             except DoorstepError as exc:  # unreachable, refused, a transfer that failed
                 log = DeviceLog(device.name, error=str(exc))
         done += 1
@@ -179,12 +177,13 @@ async def fetch_fleet(
     return list(await asyncio.gather(*(one(d) for d in devices)))
 
 
-async def _fetch_one(
-    conn: Any, device: Any, cutoff: float | None, layout: Any, parse_record: Any
-) -> DeviceLog:
-    layout_ = layout(device.state_dir)
+async def _fetch_one(conn: Any, device: Any, cutoff: float | None) -> DeviceLog:
+    from device.record import parse_record
+    from host.fleet.plan import Layout
+
     log_path = DEFAULT_LOG
-    raw = await conn.read_file(str(layout_.daemon_record), limit=1 << 20, regular_only=True)
+    record_path = str(Layout(device.state_dir).daemon_record)
+    raw = await conn.read_file(record_path, limit=1 << 20, regular_only=True)
     if raw is not None:
         try:
             record = parse_record(json.loads(raw), f"{device.name}: daemon.json")

@@ -155,7 +155,6 @@ class Publisher:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self.sender.on_publish
         self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
         self._state: dict[str, Any] | None = None
         self._snapshot: bytes | None = None  # b"" once cleared
         self._update: str | None = None  # the last pull-mode report (retained)
@@ -164,7 +163,6 @@ class Publisher:
         self._discovery_on = True
         self._probe = f"{self.base}/discovery-probe"  # see _check_legacy_discovery
         self._probe_sent = ""  # the nonce of this connection's probe
-        self._probe_mid: int | None = None
         self._probe_lock = threading.Lock()
         self._legacy_found: set[str] = set()
         self._legacy_checked = False
@@ -279,10 +277,10 @@ class Publisher:
             return
         self._legacy_found, self._legacy_checked = set(), False
         self._probe_sent = f"{self.connects}-{os.getpid()}"
-        _, self._probe_mid = client.subscribe([(topic, 1) for topic in (*d.legacy, self._probe)])
+        client.subscribe([(topic, 1) for topic in (*d.legacy, self._probe)])
         client.publish(self._probe, self._probe_sent, qos=1)
-        # A broker whose ACL grants the subscription but never delivers (Mosquitto does so):
-        # the device config goes out after PROBE_WAIT_S all the same.
+        # A broker whose ACL refuses the subscription, or grants it and never delivers
+        # (Mosquitto does so): the device config goes out after PROBE_WAIT_S all the same.
         timer = threading.Timer(PROBE_WAIT_S, self._probe_lost, args=(self._probe_sent,))
         timer.daemon = True
         timer.start()
@@ -293,20 +291,8 @@ class Publisher:
                         "versions are not looked for", self._probe, PROBE_WAIT_S)  # fmt: skip
             self._on_legacy_checked()
 
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any = None
-    ) -> None:
-        """A broker that refuses the probe's subscription (an ACL) never sends it back: the
-        device config then goes out at once, without looking for older configs."""
-        if mid == self._probe_mid and not self._legacy_checked:
-            codes = list(reasons or [])
-            if codes and getattr(codes[-1], "is_failure", False):
-                log.warning("the broker refused %s: Home Assistant configs of earlier versions "
-                            "are not looked for", self._probe)  # fmt: skip
-                self._on_legacy_checked()
-
     def _on_legacy_checked(self) -> None:
-        with self._probe_lock:  # the probe, a refused subscription or the timer: once
+        with self._probe_lock:  # the probe or the timer, whichever is first: once
             if self._legacy_checked:
                 return
             self._legacy_checked = True
