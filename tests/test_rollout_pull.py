@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -233,14 +234,22 @@ def test_abort_puts_the_previous_bundle_back(
         assert proc.returncode == 0, proc.stderr
         assert active(tmp_path, "d1") == d["id"]
     rid = json.loads(proc.stdout.splitlines()[-1])["rollout_id"]
+    aborted_at = time.time()
     abort = host(
         "rollout", "--abort", rid, "--fleet", str(fleet), "--broker",
         f"mqtt://{HOST}:{mosquitto.port}", "--journal", str(tmp_path / f"{v3['id']}.json"),
     )  # fmt: skip
     assert abort.returncode == 0, abort.stderr
     assert "desired back to 2.0.0" in abort.stderr
+    # A report written after the abort: the first rollout's own "serving 2.0.0" is on the bus too.
     bus.wait_report(
-        lambda r: r.device_id == "d1" and r.state == "serving" and r.active_id == v2["id"], 120
+        lambda r: (
+            r.device_id == "d1"
+            and r.state == "serving"
+            and r.active_id == v2["id"]
+            and r.time >= aborted_at
+        ),
+        120,
     )
     assert active(tmp_path, "d1") == v2["id"]
 
